@@ -1,0 +1,93 @@
+"""The exception tree of rankmill.
+
+Every error that rankmill raises on purpose derives from :class:`RankmillError`; its message
+says what to change. Callers catch the narrowest class they can handle::
+
+    RankmillError
+    ├── ConfigError            a pipeline YAML or --set override is invalid (dotted path in message)
+    ├── DataError              input data is malformed (file and line in message)
+    │   └── IngestError        an ingest check failed and the config does not tolerate it
+    ├── StageError             a stage is misdeclared or misused (schemas, wiring, missing input)
+    │   └── UnitFailed         one or more work units raised; committed units are kept
+    ├── ManifestError          the run directory is inconsistent or written by another pipeline
+    ├── LLMError               a call to an LLM endpoint cannot succeed as configured
+    │   ├── LLMAuthError       401/403: the key named by api_key_env is missing or wrong
+    │   ├── LLMRequestError    400: the request itself is wrong (model name, params)
+    │   ├── LLMQuotaError      429 that says the quota is exhausted (not a rate limit)
+    │   ├── LLMRetryExhausted  transient errors outlasted the retry budget (attempts or time)
+    │   └── LocalServerError   the local llama.cpp server could not be started
+    ├── BudgetExceeded         max_cost_usd / max_requests would be crossed; raise it and re-run
+    └── PublishError           the Hub rejected a publish
+"""
+
+from __future__ import annotations
+
+
+class RankmillError(Exception):
+    """Base of every error rankmill raises on purpose."""
+
+
+class ConfigError(RankmillError):
+    """A pipeline config or override is invalid."""
+
+
+class DataError(RankmillError):
+    """Input data is malformed."""
+
+
+class IngestError(DataError):
+    """An ingest check failed and the config does not tolerate the finding."""
+
+
+class StageError(RankmillError):
+    """A stage is misdeclared or cannot run with the inputs it was given."""
+
+
+class UnitFailed(StageError):
+    """Some work units of a stage raised; the others are committed and kept."""
+
+    def __init__(self, stage: str, failures: dict[str, str]):
+        self.stage = stage
+        self.failures = dict(failures)
+        first = next(iter(self.failures.items()), ("?", "?"))
+        super().__init__(
+            f"stage {stage!r}: {len(self.failures)} work unit(s) failed "
+            f"(first: unit {first[0]}: {first[1]}). Committed units are kept; "
+            "fix the cause and run again to resume."
+        )
+
+
+class ManifestError(RankmillError):
+    """The run directory is inconsistent."""
+
+
+class LLMError(RankmillError):
+    """An LLM call cannot succeed as configured."""
+
+
+class LLMAuthError(LLMError):
+    """The endpoint rejected the credentials."""
+
+
+class LLMRequestError(LLMError):
+    """The endpoint rejected the request as malformed."""
+
+
+class LLMQuotaError(LLMError):
+    """The endpoint's quota is exhausted; retrying will not help."""
+
+
+class LLMRetryExhausted(LLMError):
+    """Transient errors persisted past the retry budget."""
+
+
+class LocalServerError(LLMError):
+    """The local LLM server could not be started or stopped."""
+
+
+class BudgetExceeded(RankmillError):
+    """A run-level budget (cost or requests) would be crossed."""
+
+
+class PublishError(RankmillError):
+    """Publishing to the Hub failed."""

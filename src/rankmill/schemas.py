@@ -1,0 +1,60 @@
+"""Arrow schemas of the tables that pass between stages.
+
+Ids are strings: the user's own ids, or content hashes for rows rankmill creates. Every
+stage may also write ``rejects`` (:data:`REJECTS`): one row per input row that did not make
+it out, with a machine-readable ``reason`` and a free-text ``detail``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CORPUS = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+
+QUERIES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        # "user" for given queries; synthetic queries name how they were made
+        pa.field("source", pa.string()),
+        # the document a synthetic query was written from (null for user queries)
+        pa.field("source_doc_id", pa.string()),
+    ]
+)
+
+QRELS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("score", pa.int32(), nullable=False),
+    ]
+)
+
+# Documents that must not be used as negatives for a query (e.g. Cranfield's source_docs):
+# the document the query was written from.
+EXCLUSIONS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("stage", pa.string()),
+        pa.field("unit_id", pa.string()),
+        pa.field("table", pa.string()),  # which input table the rejected row came from
+        pa.field("row_id", pa.string()),  # its id there (doc_id, query_id, line number...)
+        pa.field("query_id", pa.string()),
+        pa.field("doc_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
