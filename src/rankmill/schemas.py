@@ -58,3 +58,18 @@ REJECTS = pa.schema(
         pa.field("detail", pa.string()),
     ]
 )
+
+# Candidate pools per query, written by ``mine``: doc_ids in final (fused) rank order. Later
+# stages (label, teach, judge) read query_id and doc_ids; the rest is for analysis.
+CANDIDATES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("scores", pa.list_(pa.float64())),  # fused score per doc
+        pa.field("bm25_ranks", pa.list_(pa.int32())),  # 1-based; null where BM25 missed it
+        pa.field("dense_ranks", pa.list_(pa.int32())),  # 1-based; null where dense missed it
+        pa.field("dense_scores", pa.list_(pa.float64())),
+        pa.field("retrievers", pa.list_(pa.string())),  # "bm25", "dense" or "bm25+dense"
+        pa.field("positive_ids", pa.list_(pa.string())),
+    ]
+)
