@@ -73,3 +73,31 @@ CANDIDATES = pa.schema(
         pa.field("positive_ids", pa.list_(pa.string())),
     ]
 )
+
+# LLM relevance labels, one row per (query, doc, sample) answer that parsed, written by
+# ``label`` (and later by teacher/judge stages, which add their own tables beside it). Answers
+# that did not parse are in ``rejects`` with their reason, never here. ``judge`` names who gave
+# the label (the stage name), so several label stages can be stacked into an ensemble.
+LABELS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),  # 0..samples-1
+        pa.field("verdict", pa.bool_(), nullable=False),  # the parsed answer: relevant or not
+        pa.field("p_yes", pa.float64()),  # P(relevant) from logprobs; null when none came back
+        pa.field("judge", pa.string()),  # the stage that labelled it
+        pa.field("endpoint", pa.string()),  # endpoint name in the pipeline
+        pa.field("model", pa.string()),
+        pa.field("prompt", pa.string()),  # prompt template name
+        pa.field("seed", pa.int64()),  # the seed the request was sent with, if any
+        pa.field("attempt", pa.int32()),  # 0; n when the nth resample after a bad answer parsed
+        pa.field("request_key", pa.string()),  # the LLM journal key of the answer
+        pa.field("cached", pa.bool_()),  # answer came from the journal, not the endpoint
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("answer", pa.string()),  # the raw answer text (short by construction)
+        pa.field("pair_source", pa.string()),  # "candidates" or "qrels"
+        pa.field("rank", pa.int32()),  # 1-based rank in the candidate pool; null for qrels
+        pa.field("qrel_score", pa.int32()),  # the given judgment of the pair, if any
+    ]
+)

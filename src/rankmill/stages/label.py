@@ -1,0 +1,563 @@
+"""The ``label`` stage: pointwise yes/no relevance verdicts from an LLM, with P(yes) from logprobs.
+
+For every (query, document) pair it asks one endpoint ``samples`` times (distinct sample
+indexes, hence distinct seeds) whether the document is relevant, parses the answer strictly,
+and writes one ``labels`` row per answer that parsed (:data:`rankmill.schemas.LABELS`). Every
+answer that did not parse (truncated, refused, empty, not exactly yes/no) is a ``rejects`` row
+with its reason; so is every pair whose query or document is unknown.
+
+Pairs come from ``candidates`` (the top ``max_docs_per_query`` of each pool that ``mine``
+wrote) when there are candidates, else from the judged pairs of ``qrels``; ``pairs_from``
+chooses explicitly. A pipeline snippet::
+
+    endpoints:
+      local: {local: true, model: smollm2-135m}
+    stages:
+      label:
+        endpoint: local
+        samples: 2
+        max_docs_per_query: 5
+
+Teacher and judge stages grow from this one: the prompt is a parameter (a ``prompts/<name>.j2``
+with ``system``/``user`` blocks that sees ``query``, ``document`` and ``answer_format``), and
+``judge`` in each row names the stage, so several label stages form an ensemble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from rankmill.config import StageParams
+from rankmill.manifest import Counters
+from rankmill.prompting import fence, render_messages
+from rankmill.schemas import CANDIDATES, CORPUS, LABELS, QRELS, QUERIES
+from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, load_prompt, rejects_table
+
+if TYPE_CHECKING:
+    from rankmill.llm import ChatResult
+
+log = logging.getLogger(__name__)
+
+# What a unit carries: the pair, where it came from, and the texts (joined on the driver, so a
+# unit's key changes when a text does and workers never load the whole corpus).
+PAIRS = pa.schema(
+    [
+        pa.field("query_id", pa.string()),
+        pa.field("doc_id", pa.string()),
+        pa.field("pair_source", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("qrel_score", pa.int32()),
+        pa.field("query_text", pa.string()),
+        pa.field("doc_title", pa.string()),
+        pa.field("doc_text", pa.string()),
+        pa.field("problem", pa.string()),  # a reject reason found while planning, else null
+    ]
+)
+
+YES_WORDS = frozenset({"yes", "true"})
+NO_WORDS = frozenset({"no", "false"})
+
+_WORD_ANSWER = re.compile(r"\s*[\"'*`]*\s*(yes|no)\s*[\"'*`]*\s*[.!]?\s*", re.IGNORECASE)
+
+
+# -- pure parsing ---------------------------------------------------------------------------------
+def parse_verdict(text: str | None, answer_format: str = "word") -> tuple[bool | None, str]:
+    """Parse an answer strictly: ``(verdict, "")``, or ``(None, reason)`` when it does not parse.
+
+    ``word``: exactly one word yes/no (case, surrounding whitespace, quotes or emphasis and one
+    final period are tolerated; "Yes, because..." is not). ``json``: one JSON object whose
+    ``relevant`` is a boolean.
+    """
+    if text is None or not text.strip():
+        return None, "empty_answer"
+    if answer_format == "json":
+        body = text.strip()
+        # Some servers wrap JSON in a Markdown fence even in JSON mode; the object is the answer.
+        fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
+        if fenced:
+            body = fenced.group(1)
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None, "unparseable_verdict"
+        if not isinstance(obj, dict) or not isinstance(obj.get("relevant"), bool):
+            return None, "unparseable_verdict"
+        return bool(obj["relevant"]), ""
+    m = _WORD_ANSWER.fullmatch(text)
+    if not m:
+        return None, "unparseable_verdict"
+    return m.group(1).lower() == "yes", ""
+
+
+def _norm_token(token: str | None) -> str:
+    # Tokens arrive as " Yes", "yes", "YES", "Ġyes" or '"true'; only the letters decide.
+    return re.sub(r"[^a-z]", "", (token or "").lower())
+
+
+def p_yes_from_logprobs(
+    logprobs: Sequence[dict[str, Any]] | None,
+    yes_words: frozenset[str] = YES_WORDS,
+    no_words: frozenset[str] = NO_WORDS,
+) -> float | None:
+    """P(yes) = P(yes) / (P(yes) + P(no)) at the first answer token that is a yes/no word.
+
+    Tokens of the top-logprob alternatives at that position that normalise (letters only,
+    lower case) to a yes word add to P(yes), no words to P(no), each token string once. When the
+    server sent no alternatives, the chosen token's own probability stands in (p or 1 - p).
+    None when there are no logprobs or no yes/no token among them.
+    """
+    if not logprobs:
+        return None
+    for pos in logprobs:
+        if not isinstance(pos, dict):
+            continue
+        word = _norm_token(pos.get("token"))
+        if word not in yes_words and word not in no_words:
+            continue
+        alts = [a for a in (pos.get("top_logprobs") or []) if isinstance(a, dict)]
+        seen: dict[str, float] = {}
+        for alt in [*alts, pos]:
+            tok = alt.get("token")
+            lp = alt.get("logprob")
+            if tok is None or lp is None or tok in seen:
+                continue
+            try:
+                seen[tok] = float(lp)
+            except (TypeError, ValueError):
+                continue
+        yes = sum(math.exp(lp) for t, lp in seen.items() if _norm_token(t) in yes_words)
+        no = sum(math.exp(lp) for t, lp in seen.items() if _norm_token(t) in no_words)
+        if not alts:
+            own = pos.get("logprob")
+            if own is None:
+                return None
+            p = math.exp(float(own))
+            return p if word in yes_words else 1.0 - p
+        if yes + no <= 0.0 or not math.isfinite(yes + no):
+            return None
+        return yes / (yes + no)
+    return None
+
+
+def document_text(title: str | None, text: str, max_chars: int) -> tuple[str, bool]:
+    """Title and text as the model sees them, cut to ``max_chars``; (text, was_cut)."""
+    full = f"{title.strip()}\n{text}" if title and title.strip() else text
+    if len(full) <= max_chars:
+        return full, False
+    cut = full[:max_chars]
+    # Cut at a word boundary when one is near, so the model does not see a broken word.
+    space = cut.rfind(" ", int(max_chars * 0.8))
+    return (cut[:space] if space > 0 else cut) + " ...", True
+
+
+def label_messages(
+    template: str, query: str, document: str, answer_format: str
+) -> list[dict[str, str]]:
+    """The chat messages for one pair; query and document are fenced as untrusted text."""
+    return render_messages(
+        template,
+        query=fence(query, "QUERY"),
+        document=fence(document, "DOCUMENT"),
+        answer_format=answer_format,
+    )
+
+
+# -- params ----------------------------------------------------------------------------------
+class LabelParams(StageParams):
+    """Params of the ``label`` stage."""
+
+    endpoint: str = Field(..., description="Name of the LLM endpoint (under endpoints:) to ask.")
+    prompt: str = Field(
+        "label",
+        description="Prompt template prompts/<prompt>.j2 (blocks system/user; variables query, "
+        "document, answer_format).",
+    )
+    answer_format: Literal["word", "json"] = Field(
+        "word",
+        description="'word': the answer is one word yes/no (portable to every endpoint); 'json': "
+        '{"relevant": true|false}, constrained by response_format where the endpoint supports it.',
+    )
+    json_schema: bool = Field(
+        True,
+        description="With answer_format json, send response_format {type: json_object, schema} "
+        "(llama.cpp, vLLM); off for endpoints that reject a schema there.",
+    )
+    samples: int = Field(
+        1, ge=1, le=64, description="Answers per pair, each with its own sample index and seed."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling (None: unset).")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Answer token limit; a longer answer is a 'truncated' reject. "
+        "None: 8 for word answers, 24 for json.",
+    )
+    logprobs: bool = Field(
+        True, description="Ask for logprobs to compute p_yes (off for endpoints without them)."
+    )
+    top_logprobs: int = Field(
+        10, ge=0, le=20, description="Alternatives per token that P(yes) is normalised over."
+    )
+    resample_bad_answers: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="After a bad answer (truncated, unparseable...), ask again up to this many "
+        "times with a new sample index and seed; only the last failure is a reject.",
+    )
+    pairs_from: Literal["auto", "candidates", "qrels", "both"] = Field(
+        "auto",
+        description="Which pairs to label: 'auto' = candidates when a candidates table is wired "
+        "in, else qrels; 'both' = candidates plus judged pairs missing from them.",
+    )
+    max_docs_per_query: int = Field(
+        20, ge=1, description="Label only the top this many candidates of each query's pool."
+    )
+    doc_max_chars: int = Field(
+        2000, ge=64, description="Cut documents (title + text) to this many characters."
+    )
+    query_max_chars: int = Field(1000, ge=16, description="Cut queries to this many characters.")
+    rows_per_unit: int = Field(
+        64, ge=1, description="Pairs per work unit (the unit of commit and resume)."
+    )
+
+    @model_validator(mode="after")
+    def _logprob_alternatives(self) -> LabelParams:
+        if self.logprobs and self.top_logprobs == 0:
+            raise ValueError("top_logprobs must be >= 1 when logprobs is on (P(yes) needs them)")
+        return self
+
+
+# -- the stage -------------------------------------------------------------------------------
+class LabelStage(Stage):
+    """Pointwise yes/no relevance verdicts; see the module docstring."""
+
+    name = "label"
+    version = "1"
+    Params = LabelParams
+    inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
+    optional_inputs: ClassVar[dict[str, pa.Schema]] = {"candidates": CANDIDATES, "qrels": QRELS}
+    outputs: ClassVar[dict[str, pa.Schema]] = {"labels": LABELS}
+    prompts: ClassVar[tuple[str, ...]] = ("label",)
+
+    params: LabelParams
+
+    def prompt_texts(self) -> dict[str, str]:
+        return {self.params.prompt: load_prompt(self.params.prompt)}
+
+    # -- planning (driver) ----------------------------------------------------------------------
+    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+        pairs = build_pairs(
+            corpus=inputs["corpus"],
+            queries=inputs["queries"],
+            candidates=inputs.get("candidates"),
+            qrels=inputs.get("qrels"),
+            pairs_from=self.params.pairs_from,
+            max_docs_per_query=self.params.max_docs_per_query,
+        )
+        log.info("label %s: %d pairs to label", self.ctx.stage_name, pairs.num_rows)
+        return chunk_units(pairs, self.params.rows_per_unit, "pairs")
+
+    # -- on a Ray actor --------------------------------------------------------------------------
+    def setup(self) -> None:
+        from rankmill.llm import Gateway
+
+        self._loop = asyncio.new_event_loop()
+        self._template = load_prompt(self.params.prompt)
+        self._endpoint = self.ctx.endpoint(self.params.endpoint)
+        self._gw = Gateway.from_context(self.ctx, self.params.endpoint)
+
+    def teardown(self) -> None:
+        gw = getattr(self, "_gw", None)
+        if gw is not None:
+            res = gw.close()
+            if asyncio.iscoroutine(res):
+                self._loop.run_until_complete(res)
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.close()
+
+    def request_params(self) -> dict[str, Any]:
+        p = self.params
+        max_tokens = p.max_tokens or (24 if p.answer_format == "json" else 8)
+        params: dict[str, Any] = {"temperature": p.temperature, "max_tokens": max_tokens}
+        if p.top_p is not None:
+            params["top_p"] = p.top_p
+        if p.logprobs:
+            params["logprobs"] = True
+            params["top_logprobs"] = p.top_logprobs
+        if p.answer_format == "json":
+            fmt: dict[str, Any] = {"type": "json_object"}
+            if p.json_schema:
+                fmt["schema"] = {
+                    "type": "object",
+                    "properties": {"relevant": {"type": "boolean"}},
+                    "required": ["relevant"],
+                }
+            params["response_format"] = fmt
+        return params
+
+    def process(self, unit: WorkUnit) -> UnitOutput:
+        from rankmill.llm import ChatRequest
+
+        p = self.params
+        rows = unit.tables["pairs"].to_pylist()
+        counters = Counters(rows_in=len(rows))
+        rejects: list[dict[str, Any]] = []
+        before = dict(self._gw.counters())
+        params = self.request_params()
+
+        # Pairs that can be asked about, with their messages; the others are rejects now.
+        todo: list[tuple[dict[str, Any], list[dict[str, str]]]] = []
+        for r in rows:
+            reason = r["problem"]
+            if reason is None and r["query_text"] is None:
+                reason = "unknown_query_id"
+            if reason is None and r["doc_text"] is None:
+                reason = "unknown_doc_id"
+            if reason is not None:
+                rejects.append(_reject(r, reason, None, {"samples": p.samples}))
+                continue
+            doc, cut = document_text(r["doc_title"], r["doc_text"], p.doc_max_chars)
+            query = r["query_text"][: p.query_max_chars]
+            if cut:
+                counters.extra["docs_cut"] = counters.extra.get("docs_cut", 0.0) + 1
+            todo.append((r, label_messages(self._template, query, doc, p.answer_format)))
+
+        # (pair index, sample index) -> the answer that parsed, or the last bad one.
+        pending = [(i, s) for i in range(len(todo)) for s in range(p.samples)]
+        done: dict[tuple[int, int], tuple[int, ChatResult, bool | None, str]] = {}
+        for attempt in range(p.resample_bad_answers + 1):
+            if not pending:
+                break
+            # A resample needs a new seed; the gateway derives it from the sample index, so
+            # attempts use indexes past the ones the first round used.
+            reqs = [
+                ChatRequest(
+                    messages=todo[i][1],
+                    sample_index=s + attempt * p.samples,
+                    params=params,
+                )
+                for i, s in pending
+            ]
+            results = self._loop.run_until_complete(self._gw.chat_many(reqs))
+            bad: list[tuple[int, int]] = []
+            for (i, s), res in zip(pending, results, strict=True):
+                verdict, why = self._judge(res)
+                done[(i, s)] = (attempt, res, verdict, why)
+                if verdict is None:
+                    bad.append((i, s))
+            if bad and attempt < p.resample_bad_answers:
+                counters.extra["resampled"] = counters.extra.get("resampled", 0.0) + len(bad)
+            pending = bad
+
+        labels: list[dict[str, Any]] = []
+        for (i, s), (attempt, res, verdict, why) in sorted(done.items()):
+            r = todo[i][0]
+            if verdict is None:
+                detail = {
+                    "sample_index": s,
+                    "attempt": attempt,
+                    "finish_reason": res.finish_reason,
+                    "answer": (res.text or "")[:300],
+                    "request_key": res.key,
+                }
+                rejects.append(_reject(r, why, s, detail))
+                continue
+            p_yes = p_yes_from_logprobs(res.logprobs) if p.logprobs else None
+            labels.append(
+                {
+                    "query_id": r["query_id"],
+                    "doc_id": r["doc_id"],
+                    "sample_index": s,
+                    "verdict": verdict,
+                    "p_yes": p_yes,
+                    "judge": self.ctx.stage_name,
+                    "endpoint": p.endpoint,
+                    "model": self._endpoint.model,
+                    "prompt": p.prompt,
+                    "seed": res.seed,
+                    "attempt": attempt,
+                    "request_key": res.key,
+                    "cached": bool(res.cached),
+                    "prompt_tokens": res.prompt_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "answer": res.text,
+                    "pair_source": r["pair_source"],
+                    "rank": r["rank"],
+                    "qrel_score": r["qrel_score"],
+                }
+            )
+            if p.logprobs and p_yes is None:
+                counters.extra["no_logprobs"] = counters.extra.get("no_logprobs", 0.0) + 1
+
+        after = self._gw.counters()
+        counters.llm_calls = int(after.get("llm_calls", 0) - before.get("llm_calls", 0))
+        counters.llm_cached = int(after.get("llm_cached", 0) - before.get("llm_cached", 0))
+        counters.prompt_tokens = int(after.get("prompt_tokens", 0) - before.get("prompt_tokens", 0))
+        counters.completion_tokens = int(
+            after.get("completion_tokens", 0) - before.get("completion_tokens", 0)
+        )
+        counters.cost_usd = float(after.get("cost_usd", 0.0) - before.get("cost_usd", 0.0))
+        counters.rows_out = len(labels)
+        for rej in rejects:
+            counters.reject(rej["reason"])
+        return UnitOutput(
+            {
+                "labels": pa.Table.from_pylist(labels, schema=LABELS),
+                "rejects": rejects_table(rejects, self.ctx.stage_name, unit.unit_id),
+            },
+            counters,
+        )
+
+    def _judge(self, res: ChatResult) -> tuple[bool | None, str]:
+        if not res.ok:
+            return None, res.reject_reason or "bad_answer"
+        return parse_verdict(res.text, self.params.answer_format)
+
+
+def _reject(
+    row: dict[str, Any], reason: str, sample_index: int | None, detail: dict[str, Any]
+) -> dict[str, Any]:
+    row_id = f"{row['query_id']}|{row['doc_id']}"
+    if sample_index is not None:
+        row_id += f"|{sample_index}"
+    return {
+        "table": row["pair_source"],
+        "row_id": row_id,
+        "query_id": row["query_id"],
+        "doc_id": row["doc_id"],
+        "reason": reason,
+        "detail": detail,
+    }
+
+
+# -- pair building (driver, pure Arrow/Python) ------------------------------------------------
+def build_pairs(
+    corpus: pa.Table,
+    queries: pa.Table,
+    candidates: pa.Table | None,
+    qrels: pa.Table | None,
+    pairs_from: str = "auto",
+    max_docs_per_query: int = 20,
+) -> pa.Table:
+    """The (query, doc) pairs to label with their texts, in a deterministic order.
+
+    Candidate pairs keep their pool rank; judged pairs carry their qrel score. A pair that
+    appears twice, or names an unknown query or document, stays in the table (with ``problem``
+    set, or a null text) so that ``process`` writes it out as a reject rather than dropping it.
+    """
+    from rankmill.errors import StageError
+
+    use_cands = pairs_from in ("candidates", "both") or (
+        pairs_from == "auto" and candidates is not None
+    )
+    use_qrels = pairs_from in ("qrels", "both") or (pairs_from == "auto" and candidates is None)
+    if use_cands and candidates is None:
+        raise StageError(
+            f"label: pairs_from={pairs_from!r} needs a candidates table; run mine before label, "
+            "or set pairs_from: qrels"
+        )
+    if use_qrels and qrels is None:
+        raise StageError(
+            "label: no pairs to label: wire in candidates (run mine first) or qrels "
+            "(ingest judged pairs), or set inputs.candidates / inputs.qrels"
+        )
+
+    qrel_scores: dict[tuple[str, str], int] = {}
+    if qrels is not None:
+        for q, d, sc in zip(
+            qrels.column("query_id").to_pylist(),
+            qrels.column("doc_id").to_pylist(),
+            qrels.column("score").to_pylist(),
+            strict=True,
+        ):
+            qrel_scores.setdefault((q, d), sc)
+
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(q: str, d: str, source: str, rank: int | None) -> None:
+        key = (q, d)
+        problem = "duplicate_pair" if key in seen else None
+        seen.add(key)
+        out.append(
+            {
+                "query_id": q,
+                "doc_id": d,
+                "pair_source": source,
+                "rank": rank,
+                "qrel_score": qrel_scores.get(key),
+                "problem": problem,
+            }
+        )
+
+    if use_cands:
+        assert candidates is not None
+        pools = sorted(
+            zip(
+                candidates.column("query_id").to_pylist(),
+                candidates.column("doc_ids").to_pylist(),
+                strict=True,
+            ),
+            key=lambda x: x[0],
+        )
+        for q, docs in pools:
+            for rank, d in enumerate((docs or [])[:max_docs_per_query], start=1):
+                add(q, d, "candidates", rank)
+    if use_qrels:
+        assert qrels is not None
+        for q, d in sorted(
+            set(
+                zip(
+                    qrels.column("query_id").to_pylist(),
+                    qrels.column("doc_id").to_pylist(),
+                    strict=True,
+                )
+            )
+        ):
+            if (q, d) in seen and use_cands:
+                continue  # 'both': already labelled as a candidate
+            add(q, d, "qrels", None)
+    # Judged pairs listed twice in qrels collapse above (set); candidates listed twice in one
+    # pool, or a query with two pools, are flagged duplicate_pair.
+
+    query_text = dict(
+        zip(
+            queries.column("query_id").to_pylist(),
+            queries.column("text").to_pylist(),
+            strict=True,
+        )
+    )
+    needed = {r["doc_id"] for r in out}
+    doc_title: dict[str, str | None] = {}
+    doc_text: dict[str, str] = {}
+    titles = (
+        corpus.column("title").to_pylist()
+        if "title" in corpus.column_names
+        else [None] * corpus.num_rows
+    )
+    for d, t, x in zip(
+        corpus.column("doc_id").to_pylist(),
+        titles,
+        corpus.column("text").to_pylist(),
+        strict=True,
+    ):
+        if d in needed and d not in doc_text:
+            doc_title[d], doc_text[d] = t, x
+    for r in out:
+        r["query_text"] = query_text.get(r["query_id"])
+        r["doc_title"] = doc_title.get(r["doc_id"])
+        r["doc_text"] = doc_text.get(r["doc_id"])
+    return pa.Table.from_pylist(out, schema=PAIRS)
