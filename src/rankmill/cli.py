@@ -1,0 +1,223 @@
+"""The ``rankmill`` command line: parse, call, print.
+
+    rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
+    rankmill status DIR
+    rankmill validate DATA [--format beir|jsonl|parquet|hf]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rankmill.errors import BudgetExceeded, RankmillError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="rankmill: training-data synthesis for retrievers and rerankers.",
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file, e.g. pipelines/quickstart.yaml."),
+    run_dir: str = typer.Option(..., "--run-dir", "-o", help="Where outputs and records go."),
+    until: str | None = typer.Option(None, help="Run stages up to and including this one."),
+    only: str | None = typer.Option(None, help="Run this stage alone (its inputs must be done)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config value: --set stages.mine.num_negatives=8"
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Existing Ray cluster (default: RAY_ADDRESS, else local)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+) -> None:
+    """Run a pipeline; re-running resumes and skips every committed unit."""
+    _setup_logging(verbose)
+    from rankmill.config import load_pipeline
+    from rankmill.runner import Runner
+
+    try:
+        cfg = load_pipeline(pipeline, set_)
+    except RankmillError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+    with Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and os.environ.get("RANKMILL_PROGRESS") != "1",
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(kind: str, **ev: Any) -> None:
+            stage = ev.get("stage")
+            if kind == "stage_skipped":
+                console.print(f"[dim]{stage}: {ev['units']} unit(s) already committed, skipped[/]")
+            elif kind == "stage_start":
+                tasks[stage] = progress.add_task(
+                    stage, total=ev["total"], completed=ev["done"], note=""
+                )
+                if ev["done"]:
+                    progress.update(tasks[stage], note=f"{ev['done']} resumed")
+            elif kind == "unit_done" and stage in tasks:
+                progress.advance(tasks[stage])
+                if not ev["ok"]:
+                    progress.console.print(f"[red]{stage} unit {ev['unit_id']}: {ev['error']}[/]")
+            elif kind == "service_start":
+                progress.console.print(f"[dim]starting local LLM server for {ev['name']} ...[/]")
+
+        runner = Runner(cfg, run_dir, ray_address=ray_address, on_event=on_event)
+        try:
+            result = runner.run(until=until, only=only)
+        except BudgetExceeded as exc:
+            err_console.print(f"[yellow]stopped:[/yellow] {exc}")
+            raise typer.Exit(3) from exc
+        except RankmillError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    console.print(
+        f"done: {result.units_run} unit(s) run, "
+        f"{sum(s.units_skipped for s in result.stages)} skipped. "
+        f"See: rankmill status {run_dir}"
+    )
+
+
+def _fmt_int(n: float) -> str:
+    return f"{int(n):,}"
+
+
+@app.command()
+def status(
+    run_dir: str = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show each stage's progress; exit 0 when every stage is complete, 1 otherwise."""
+    from rankmill.status import run_status
+
+    try:
+        st = run_status(run_dir)
+    except RankmillError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        console.print_json(json.dumps(st))
+    else:
+        table = Table(title=f"{st['run_name']} — {run_dir}")
+        for col in ("stage", "units", "rows in", "rows out", "rejects", "LLM calls", "tokens",
+                    "cost $", "time s", "state"):
+            table.add_column(col, justify="right" if col not in ("stage", "rejects") else "left")
+        for s in st["stages"]:
+            rejects = ", ".join(f"{k}: {v:,}" for k, v in sorted(s["rejects"].items())) or "-"
+            calls = _fmt_int(s["llm_calls"])
+            if s["llm_cached"]:
+                calls += f" (+{_fmt_int(s['llm_cached'])} cached)"
+            state = {"complete": "[green]complete[/]", "partial": "[yellow]partial[/]",
+                     "stale": "[yellow]stale[/]", "not run": "[dim]not run[/]"}[s["state"]]
+            table.add_row(
+                s["stage"],
+                f"{s['units_committed']}/{s['units_total']}",
+                _fmt_int(s["rows_in"]),
+                _fmt_int(s["rows_out"]),
+                rejects,
+                calls,
+                f"{_fmt_int(s['prompt_tokens'])} / {_fmt_int(s['completion_tokens'])}",
+                f"{s['cost_usd']:.4f}",
+                f"{s['wall_seconds']:.1f}",
+                state,
+            )
+        console.print(table)
+        for s in st["stages"]:
+            for model, m in sorted(s.get("models", {}).items()):
+                console.print(
+                    f"  {s['stage']}: {model}: {m.get('calls', 0):,.0f} calls, "
+                    f"{m.get('prompt_tokens', 0):,.0f} prompt + "
+                    f"{m.get('completion_tokens', 0):,.0f} completion tokens, "
+                    f"${m.get('cost_usd', 0):.4f}"
+                )
+        console.print("complete" if st["complete"] else "incomplete: run the pipeline again")
+    raise typer.Exit(0 if st["complete"] else 1)
+
+
+@app.command()
+def validate(
+    data: str = typer.Argument(..., help="A BEIR folder, a corpus file, or a save_to_disk folder."),
+    format: str = typer.Option("auto", help="auto, beir, jsonl, parquet or hf."),
+    queries: str | None = typer.Option(None, help="Queries file (jsonl/parquet sources)."),
+    qrels: list[str] = typer.Option([], help="Qrels file(s) (jsonl/parquet sources)."),
+    show: int = typer.Option(10, help="How many findings of each kind to list."),
+) -> None:
+    """Run the ingest checks alone and print what they found (exit 1 on errors)."""
+    from rankmill.stages.ingest import CHECKS, IngestParams, Policies, read_collection
+
+    try:
+        # Report every finding; nothing stops at the first.
+        params = IngestParams(
+            source=data,
+            format=format,  # type: ignore[arg-type]
+            queries=queries,
+            qrels=qrels,
+            policies=Policies(**{k: "keep" for k in CHECKS}),
+        )
+        coll = read_collection(params, lambda p: str(Path(p).expanduser().resolve()))
+    except RankmillError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(
+        f"read {coll.corpus.num_rows:,} documents, {coll.queries.num_rows:,} queries, "
+        f"{coll.qrels.num_rows:,} judgments, {coll.exclusions.num_rows:,} exclusions "
+        f"from {', '.join(coll.files)}"
+    )
+    defaults = Policies()
+    counts = coll.counts()
+    if not counts:
+        console.print("[green]no problems found[/]")
+        raise typer.Exit(0)
+    table = Table(title="findings")
+    for col in ("check", "count", "in a run (default)", "what it means"):
+        table.add_column(col)
+    for kind in CHECKS:
+        if kind in counts:
+            table.add_row(kind, f"{counts[kind]:,}", getattr(defaults, kind), CHECKS[kind])
+    console.print(table)
+    by_kind: dict[str, int] = {}
+    for f in coll.findings:
+        by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
+        if by_kind[f.kind] <= show:
+            console.print(f"  {f.where()}: [bold]{f.kind}[/]: {f.detail}")
+        elif by_kind[f.kind] == show + 1:
+            console.print(f"  ... more {f.kind} findings")
+    fatal = [k for k in counts if getattr(defaults, k) == "error"]
+    raise typer.Exit(1 if fatal else 0)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

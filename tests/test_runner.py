@@ -1,0 +1,145 @@
+"""Runner: fingerprints, skipping, resume after a failing unit, wiring."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from rankmill.config import validate_pipeline
+from rankmill.errors import StageError, UnitFailed
+from rankmill.manifest import RunDir
+from rankmill.runner import Runner
+
+
+def toy(tmp_path: Path, **count) -> dict:
+    return {
+        "run": {"name": "toy"},
+        "stages": {
+            "count": {
+                "uses": "tests.fixtures.stages:CountStage",
+                "n_units": 4,
+                "log_path": str(tmp_path / "log.txt"),
+                **count,
+            },
+            "double": {
+                "uses": "tests.fixtures.stages:DoubleStage",
+                "log_path": str(tmp_path / "log.txt"),
+            },
+        },
+    }
+
+
+def processed(tmp_path: Path) -> list[str]:
+    p = tmp_path / "log.txt"
+    lines = p.read_text().splitlines() if p.exists() else []
+    p.unlink(missing_ok=True)
+    return sorted(" ".join(line.split()[:2]) for line in lines)
+
+
+def outputs(run_dir: Path) -> dict[str, str]:
+    """sha256 of every committed data file, by stage/table/unit (names carry a random token)."""
+    rd = RunDir(str(run_dir))
+    out = {}
+    for stage in ("count", "double"):
+        plan, recs = rd.stage_status(stage)
+        assert plan is not None
+        for rec in recs:
+            assert rec is not None
+            for f in rec.files:
+                data = (run_dir / f.path).read_bytes()
+                out[f"{stage}/{f.table}/{rec.unit_id}"] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_failing_unit_recomputes_only_that_unit(tmp_path, ray_session):
+    marker = tmp_path / "failed-once"
+    cfg = validate_pipeline(toy(tmp_path, fail_unit=2, fail_marker=str(marker)))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UnitFailed) as exc:
+        Runner(cfg, str(run_dir)).run()
+    assert list(exc.value.failures) == ["00002"]
+    assert processed(tmp_path) == [f"count 0000{i}" for i in range(4)]
+    rd = RunDir(str(run_dir))
+    plan, recs = rd.stage_status("count")
+    assert [r is not None for r in recs] == [True, True, False, True]
+    assert rd.read_plan("double") is None  # the failing stage stops the run
+
+    Runner(cfg, str(run_dir)).run()
+    log = processed(tmp_path)
+    assert [x for x in log if x.startswith("count")] == ["count 00002"]
+    assert len([x for x in log if x.startswith("double")]) == 7
+
+    clean_dir = tmp_path / "clean"
+    clean = validate_pipeline(toy(tmp_path))
+    Runner(clean, str(clean_dir)).run()
+    processed(tmp_path)
+    assert outputs(run_dir) == outputs(clean_dir)
+    assert rd.read_table("double", "doubled").equals(
+        RunDir(str(clean_dir)).read_table("double", "doubled")
+    )
+
+    # A finished run re-run computes nothing and does not even start Ray work.
+    result = Runner(cfg, str(run_dir)).run()
+    assert result.units_run == 0 and processed(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_param_change_reruns_that_stage_and_later_not_earlier(tmp_path, ray_session):
+    run_dir = tmp_path / "run"
+    Runner(validate_pipeline(toy(tmp_path)), str(run_dir)).run()
+    processed(tmp_path)
+    raw = toy(tmp_path)
+    raw["stages"]["double"]["rows_per_unit"] = 5
+    Runner(validate_pipeline(raw), str(run_dir)).run()
+    log = processed(tmp_path)
+    assert log and all(x.startswith("double") for x in log)
+    raw["stages"]["count"]["rows_per_unit"] = 6
+    Runner(validate_pipeline(raw), str(run_dir)).run()
+    log = processed(tmp_path)
+    assert len([x for x in log if x.startswith("count")]) == 4
+    assert len([x for x in log if x.startswith("double")]) == 5  # 24 rows / 5
+    # worker placement is not part of the fingerprint
+    raw["stages"]["double"]["workers"] = 2
+    assert Runner(validate_pipeline(raw), str(run_dir)).run().units_run == 0
+
+
+@pytest.mark.slow
+def test_rejects_are_recorded_with_reasons_and_counted(tmp_path, ray_session):
+    run_dir = tmp_path / "run"
+    Runner(validate_pipeline(toy(tmp_path)), str(run_dir)).run()
+    rd = RunDir(str(run_dir))
+    items = rd.read_table("count", "items")
+    doubled = rd.read_table("double", "doubled")
+    rejects = rd.read_table("double", "rejects")
+    assert doubled.num_rows + rejects.num_rows == items.num_rows
+    assert set(rejects.column("reason").to_pylist()) == {"odd_value"}
+    _, recs = rd.stage_status("double")
+    assert sum(r.counters.rejects.get("odd_value", 0) for r in recs) == rejects.num_rows
+
+
+def test_wiring_errors_are_clear(tmp_path):
+    raw = {"stages": {"double": {"uses": "tests.fixtures.stages:DoubleStage"}}}
+    with pytest.raises(StageError, match="needs a 'items' table"):
+        Runner(validate_pipeline(raw), str(tmp_path / "r")).run()
+    raw = toy(tmp_path)
+    raw["stages"]["double"]["inputs"] = {"items": "nowhere.items"}
+    with pytest.raises(StageError, match="must name an earlier stage"):
+        Runner(validate_pipeline(raw), str(tmp_path / "r")).run()
+    with pytest.raises(StageError, match="--until nope: no such stage"):
+        Runner(validate_pipeline(toy(tmp_path)), str(tmp_path / "r")).run(until="nope")
+
+
+def test_only_requires_complete_inputs(tmp_path):
+    with pytest.raises(StageError, match="--only double: its input stage 'count'"):
+        Runner(validate_pipeline(toy(tmp_path)), str(tmp_path / "r")).run(only="double")
+
+
+def test_fingerprints_are_stable_and_param_sensitive(tmp_path):
+    a = Runner(validate_pipeline(toy(tmp_path)), str(tmp_path / "r")).fingerprints()
+    b = Runner(validate_pipeline(toy(tmp_path)), str(tmp_path / "r")).fingerprints()
+    assert a == b
+    c = Runner(validate_pipeline(toy(tmp_path, n_units=5)), str(tmp_path / "r")).fingerprints()
+    assert c["count"] != a["count"] and c["double"] != a["double"]
