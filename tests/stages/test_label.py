@@ -4,6 +4,7 @@ llama.cpp server."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -273,3 +274,182 @@ def test_params_are_documented_and_strict() -> None:
         assert f.description, name
     with pytest.raises(ValueError):
         LabelParams(endpoint="x", sampels=2)  # type: ignore[call-arg]
+
+
+# -- whole runs against the fake OpenAI server --------------------------------------------------
+def _pipeline(endpoint: dict, source: dict | None = None, **label: object) -> dict:
+    return {
+        "run": {"name": "label-test", "seed": 7},
+        "endpoints": {"judge": endpoint},
+        "stages": {
+            "source": {"uses": "tests.fixtures.pairs:PairsSource", **(source or {})},
+            "label": {"endpoint": "judge", **label},
+        },
+    }
+
+
+def _expected(rd, max_docs: int = 100) -> dict:
+    """(query_id, doc_id) -> the fake server's verdict for the rendered prompt."""
+    from tests.fixtures.openai_server import expected_yesno
+
+    corpus = rd.read_table("source", "corpus").to_pylist()
+    queries = {q["query_id"]: q["text"] for q in rd.read_table("source", "queries").to_pylist()}
+    docs = {d["doc_id"]: d for d in corpus}
+    out = {}
+    for pool in rd.read_table("source", "candidates").to_pylist():
+        for d in pool["doc_ids"][:max_docs]:
+            if d not in docs:
+                continue
+            text, _ = document_text(docs[d]["title"], docs[d]["text"], 2000)
+            msgs = label_messages(load_prompt("label"), queries[pool["query_id"]], text, "word")
+            out[(pool["query_id"], d)] = expected_yesno(msgs[-1]["content"]) == "yes"
+    return out
+
+
+def _counters(rd, stage: str):
+    from rankmill.manifest import Counters
+
+    total = Counters()
+    _, recs = rd.stage_status(stage)
+    for rec in recs:
+        assert rec is not None
+        total.add(rec.counters)
+    return total
+
+
+@pytest.mark.slow
+def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_session) -> None:
+    from rankmill.config import validate_pipeline
+    from rankmill.manifest import RunDir
+    from rankmill.runner import Runner
+    from tests.fixtures.openai_server import FakeOpenAIServer
+
+    with FakeOpenAIServer(answer_mode="yesno") as srv:
+        ep = {"base_url": srv.base_url, "model": "fake-judge", "max_concurrency": 4}
+        raw = _pipeline(
+            ep,
+            source={"unknown_doc": True, "pool_size": 3},
+            answer_format="word",
+            samples=2,
+            rows_per_unit=4,
+            max_docs_per_query=3,
+        )
+        run_dir = tmp_path / "run"
+        Runner(validate_pipeline(raw), str(run_dir)).run()
+        rd = RunDir(str(run_dir))
+        labels = rd.read_table("label", "labels").to_pylist()
+        rejects = rd.read_table("label", "rejects").to_pylist()
+        # 6 pools of 3 candidates (q-bm25's pool has d-missing at rank 2): 17 known pairs.
+        expected = _expected(rd, 3)
+        assert len(expected) == 17
+        got = {(r["query_id"], r["doc_id"], r["sample_index"]): r for r in labels}
+        assert len(got) == len(labels) == 17 * 2
+        for (q, d, s), r in got.items():
+            assert r["verdict"] == expected[(q, d)], (q, d, s)
+            assert r["p_yes"] == pytest.approx(0.9 if r["verdict"] else 0.1, abs=1e-3)
+            assert r["judge"] == "label" and r["model"] == "fake-judge" and r["prompt"] == "label"
+            assert r["endpoint"] == "judge" and r["pair_source"] == "candidates"
+            assert r["request_key"] and r["seed"] is not None and not r["cached"]
+            assert r["rank"] in (1, 2, 3)
+        # Distinct samples are distinct requests (distinct seeds), never one answer twice.
+        assert len({r["request_key"] for r in labels}) == len(labels)
+        assert [(r["reason"], r["doc_id"]) for r in rejects] == [("unknown_doc_id", "d-missing")]
+        assert got[("q-bm25", "d-bm25", 0)]["qrel_score"] == 2
+        c = _counters(rd, "label")
+        assert c.llm_calls == 34 and c.llm_cached == 0 and c.prompt_tokens > 0
+        assert c.rejects == {"unknown_doc_id": 1} and c.rows_out == 34
+        sent = sum(srv.stats()["completed"].values())
+        assert sent == 34
+
+        # Re-planned units (another split) ask the same questions: all answered by the journal.
+        raw["stages"]["label"]["rows_per_unit"] = 5
+        Runner(validate_pipeline(raw), str(run_dir)).run()
+        assert sum(srv.stats()["completed"].values()) == sent
+        again = rd.read_table("label", "labels").to_pylist()
+        assert len(again) == 34 and all(r["cached"] for r in again)
+        assert sorted(r["request_key"] for r in again) == sorted(r["request_key"] for r in labels)
+        c = _counters(rd, "label")
+        assert c.llm_calls == 0 and c.llm_cached == 34
+
+
+@pytest.mark.slow
+def test_bad_answers_are_rejects_with_reasons_and_no_pair_is_lost(tmp_path, ray_session) -> None:
+    from rankmill.config import validate_pipeline
+    from rankmill.manifest import RunDir
+    from rankmill.runner import Runner
+    from tests.fixtures.openai_server import ALL_RANDOM_KINDS, FakeOpenAIServer
+
+    with FakeOpenAIServer(
+        answer_mode="yesno",
+        fault_rate=0.3,
+        fault_seed=3,
+        fault_kinds=[k for k in ALL_RANDOM_KINDS if k != "hang"],
+        retry_after_s=0.01,
+    ) as srv:
+        ep = {"base_url": srv.base_url, "model": "fake-judge", "max_concurrency": 8}
+        raw = _pipeline(
+            ep,
+            source={"pool_size": 4, "adversarial": True},
+            answer_format="word",
+            samples=3,
+            rows_per_unit=6,
+            max_docs_per_query=5,
+        )
+        run_dir = tmp_path / "run"
+        Runner(validate_pipeline(raw), str(run_dir)).run()
+        rd = RunDir(str(run_dir))
+        labels = rd.read_table("label", "labels").to_pylist()
+        rejects = rd.read_table("label", "rejects").to_pylist()
+    # 6 queries x 5 docs x 3 samples; each one a label or a reject, never both, never lost.
+    keys = [(r["query_id"], r["doc_id"], r["sample_index"]) for r in labels]
+    rkeys = [tuple(r["row_id"].split("|")) for r in rejects]
+    rkeys = [(q, d, int(s)) for q, d, s in rkeys]
+    assert len(keys) + len(rkeys) == 6 * 5 * 3
+    assert len(set(keys) | set(rkeys)) == 6 * 5 * 3
+    reasons = {r["reason"] for r in rejects}
+    assert rejects and reasons <= {
+        "truncated",
+        "content_filter",
+        "empty_choices",
+        "empty_content",
+        "malformed_response",
+        "unparseable_verdict",
+        "empty_answer",
+    }
+    for r in rejects:
+        assert json.loads(r["detail"])["request_key"]
+    expected = _expected(rd, 5)
+    for r in labels:
+        assert r["verdict"] == expected[(r["query_id"], r["doc_id"])]
+    c = _counters(rd, "label")
+    assert sum(c.rejects.values()) == len(rejects) and c.rows_out == len(labels)
+
+
+@pytest.mark.slow
+def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_session) -> None:
+    from rankmill.config import validate_pipeline
+    from rankmill.manifest import RunDir
+    from rankmill.runner import Runner
+    from tests.fixtures.openai_server import FakeOpenAIServer
+
+    # The first answer of the run is cut off; its resample (a new seed) is fine.
+    with FakeOpenAIServer(answer_mode="yesno", plan=["length"]) as srv:
+        ep = {"base_url": srv.base_url, "model": "fake-judge", "max_concurrency": 1}
+        raw = _pipeline(
+            ep,
+            source={"n_queries": 3},
+            answer_format="word",
+            pairs_from="qrels",
+            resample_bad_answers=1,
+            rows_per_unit=100,
+        )
+        run_dir = tmp_path / "run"
+        Runner(validate_pipeline(raw), str(run_dir)).run()
+        rd = RunDir(str(run_dir))
+        labels = rd.read_table("label", "labels").to_pylist()
+        assert rd.read_table("label", "rejects").num_rows == 0
+        assert sum(srv.stats()["completed"].values()) == 7  # 6 judged pairs + 1 resample
+    assert len(labels) == 6 and {r["pair_source"] for r in labels} == {"qrels"}
+    assert sorted(r["attempt"] for r in labels) == [0, 0, 0, 0, 0, 1]
+    assert {r["qrel_score"] for r in labels} == {0, 2} and {r["rank"] for r in labels} == {None}
+    assert _counters(rd, "label").extra.get("resampled") == 1

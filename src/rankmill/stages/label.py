@@ -25,7 +25,6 @@ with ``system``/``user`` blocks that sees ``query``, ``document`` and ``answer_f
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -181,15 +180,18 @@ class LabelParams(StageParams):
         description="Prompt template prompts/<prompt>.j2 (blocks system/user; variables query, "
         "document, answer_format).",
     )
-    answer_format: Literal["word", "json"] = Field(
-        "word",
-        description="'word': the answer is one word yes/no (portable to every endpoint); 'json': "
-        '{"relevant": true|false}, constrained by response_format where the endpoint supports it.',
+    answer_format: Literal["json", "word"] = Field(
+        "json",
+        description="'json': the answer is {\"relevant\": true|false}, constrained by "
+        "response_format (parses reliably even with a 135M model); 'word': one word yes/no "
+        "(for strong models, or endpoints without JSON mode).",
     )
-    json_schema: bool = Field(
-        True,
-        description="With answer_format json, send response_format {type: json_object, schema} "
-        "(llama.cpp, vLLM); off for endpoints that reject a schema there.",
+    response_format: Literal["json_object_schema", "json_schema", "json_object", "none"] = Field(
+        "json_object_schema",
+        description="How a json answer is constrained: 'json_object_schema' = {type: "
+        "json_object, schema} (llama.cpp server, Anyscale-style); 'json_schema' = OpenAI "
+        "structured outputs (OpenAI, vLLM, SGLang, recent Ollama); 'json_object' = any JSON; "
+        "'none' = not sent (the prompt alone asks for JSON). Ignored for word answers.",
     )
     samples: int = Field(
         1, ge=1, le=64, description="Answers per pair, each with its own sample index and seed."
@@ -273,7 +275,6 @@ class LabelStage(Stage):
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
-        self._loop = asyncio.new_event_loop()
         self._template = load_prompt(self.params.prompt)
         self._endpoint = self.ctx.endpoint(self.params.endpoint)
         self._gw = Gateway.from_context(self.ctx, self.params.endpoint)
@@ -281,12 +282,7 @@ class LabelStage(Stage):
     def teardown(self) -> None:
         gw = getattr(self, "_gw", None)
         if gw is not None:
-            res = gw.close()
-            if asyncio.iscoroutine(res):
-                self._loop.run_until_complete(res)
-        loop = getattr(self, "_loop", None)
-        if loop is not None:
-            loop.close()
+            gw.close()
 
     def request_params(self) -> dict[str, Any]:
         p = self.params
@@ -297,15 +293,8 @@ class LabelStage(Stage):
         if p.logprobs:
             params["logprobs"] = True
             params["top_logprobs"] = p.top_logprobs
-        if p.answer_format == "json":
-            fmt: dict[str, Any] = {"type": "json_object"}
-            if p.json_schema:
-                fmt["schema"] = {
-                    "type": "object",
-                    "properties": {"relevant": {"type": "boolean"}},
-                    "required": ["relevant"],
-                }
-            params["response_format"] = fmt
+        if p.answer_format == "json" and p.response_format != "none":
+            params["response_format"] = _response_format(p.response_format)
         return params
 
     def process(self, unit: WorkUnit) -> UnitOutput:
@@ -315,7 +304,8 @@ class LabelStage(Stage):
         rows = unit.tables["pairs"].to_pylist()
         counters = Counters(rows_in=len(rows))
         rejects: list[dict[str, Any]] = []
-        before = dict(self._gw.counters())
+        # Usage left over from a unit that raised belongs to no committed unit.
+        self._gw.take_counters()
         params = self.request_params()
 
         # Pairs that can be asked about, with their messages; the others are rejects now.
@@ -348,10 +338,11 @@ class LabelStage(Stage):
                     messages=todo[i][1],
                     sample_index=s + attempt * p.samples,
                     params=params,
+                    resample_bad=0,  # resampling is decided here, after parsing
                 )
                 for i, s in pending
             ]
-            results = self._loop.run_until_complete(self._gw.chat_many(reqs))
+            results = self._gw.chat_many_sync(reqs)
             bad: list[tuple[int, int]] = []
             for (i, s), res in zip(pending, results, strict=True):
                 verdict, why = self._judge(res)
@@ -402,14 +393,7 @@ class LabelStage(Stage):
             if p.logprobs and p_yes is None:
                 counters.extra["no_logprobs"] = counters.extra.get("no_logprobs", 0.0) + 1
 
-        after = self._gw.counters()
-        counters.llm_calls = int(after.get("llm_calls", 0) - before.get("llm_calls", 0))
-        counters.llm_cached = int(after.get("llm_cached", 0) - before.get("llm_cached", 0))
-        counters.prompt_tokens = int(after.get("prompt_tokens", 0) - before.get("prompt_tokens", 0))
-        counters.completion_tokens = int(
-            after.get("completion_tokens", 0) - before.get("completion_tokens", 0)
-        )
-        counters.cost_usd = float(after.get("cost_usd", 0.0) - before.get("cost_usd", 0.0))
+        self._gw.fill_counters(counters)
         counters.rows_out = len(labels)
         for rej in rejects:
             counters.reject(rej["reason"])
@@ -425,6 +409,25 @@ class LabelStage(Stage):
         if not res.ok:
             return None, res.reject_reason or "bad_answer"
         return parse_verdict(res.text, self.params.answer_format)
+
+
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"relevant": {"type": "boolean"}},
+    "required": ["relevant"],
+    "additionalProperties": False,
+}
+
+
+def _response_format(kind: str) -> dict[str, Any]:
+    if kind == "json_object_schema":
+        return {"type": "json_object", "schema": VERDICT_SCHEMA}
+    if kind == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": True},
+        }
+    return {"type": "json_object"}
 
 
 def _reject(
