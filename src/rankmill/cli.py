@@ -26,7 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="rankmill: training-data synthesis for retrievers and rerankers.",
 )
-console = Console(stderr=False)
+# Wide enough for the status table when output goes to a file or CI log.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 

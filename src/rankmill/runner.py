@@ -395,6 +395,11 @@ class Runner:
             num_cpus=params.worker_cpus,
             num_gpus=params.worker_gpus or None,
         )
+        if not log.isEnabledFor(logging.INFO):
+            # Ray Data reports every dataset it runs (its logging is set up on first use, so
+            # this goes after the dataset exists); the CLI shows its own progress.
+            for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         failures: dict[str, str] = {}
         try:
             for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow"):
@@ -456,6 +461,11 @@ class Runner:
             server = start_local_server(ep, log_dir=self.rd.path("logs"))
             self._services[ep_name] = server
             self._endpoint_urls[ep_name] = server.base_url
+        if stage.endpoints_used():
+            # Run-wide LLM rate limits and budget live in one named Ray actor per run.
+            from rankmill.llm.limits import ensure_run_services
+
+            self._shared.update(ensure_run_services(self.cfg, self.rd.uri, self._ray()))
 
     def close(self) -> None:
         for name, server in list(self._services.items()):

@@ -682,6 +682,8 @@ class IngestStage(Stage):
         counters = Counters(
             rows_in=coll.corpus.num_rows + coll.queries.num_rows + coll.qrels.num_rows
             + len(coll.rejects),
+            rows_out=coll.corpus.num_rows + coll.queries.num_rows + coll.qrels.num_rows
+            + coll.exclusions.num_rows,
         )
         for kind, n in coll.counts().items():
             counters.extra[f"finding:{kind}"] = float(n)
