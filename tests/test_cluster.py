@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -50,10 +49,19 @@ def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     raw = {
         "run": {"name": "cluster"},
         "stages": {
-            "count": {"uses": "tests.fixtures.stages:CountStage", "n_units": 6,
-                      "sleep_s": 0.3, "workers": 2, "log_path": str(log)},
-            "double": {"uses": "tests.fixtures.stages:DoubleStage", "workers": 2,
-                       "sleep_s": 0.2, "log_path": str(log)},
+            "count": {
+                "uses": "tests.fixtures.stages:CountStage",
+                "n_units": 6,
+                "sleep_s": 0.3,
+                "workers": 2,
+                "log_path": str(log),
+            },
+            "double": {
+                "uses": "tests.fixtures.stages:DoubleStage",
+                "workers": 2,
+                "sleep_s": 0.2,
+                "log_path": str(log),
+            },
         },
     }
     local_dir = tmp_path / "local"
@@ -65,7 +73,11 @@ def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(raw), str(cluster_dir)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NODES 2" in proc.stdout and "DONE" in proc.stdout

@@ -1,4 +1,4 @@
-"""SIGKILL the CLI mid-stage at several points; a re-run must give an uninterrupted run's outputs."""
+"""SIGKILL the CLI mid-stage at several points; the re-run equals an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -79,8 +79,10 @@ def test_sigkill_at_several_points_then_resume(tmp_path, repo):
     pipe.write_text(PIPELINE.format(log=tmp_path / "log.txt"))
     clean = tmp_path / "clean"
     finish(["run", str(pipe), "--run-dir", str(clean)], repo)
-    expected = {(s, t): table(clean, s, t) for s, t in
-                [("count", "items"), ("double", "doubled"), ("double", "rejects")]}
+    expected = {
+        (s, t): table(clean, s, t)
+        for s, t in [("count", "items"), ("double", "doubled"), ("double", "rejects")]
+    }
 
     run_dir = tmp_path / "run"
     # Kill points: early in the first stage, late in it, and inside the second stage.

@@ -1,8 +1,8 @@
 """The ``rankmill`` command line: parse, call, print.
 
-    rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
-    rankmill status DIR
-    rankmill validate DATA [--format beir|jsonl|parquet|hf]
+rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
+rankmill status DIR
+rankmill validate DATA [--format beir|jsonl|parquet|hf]
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def run(
-    pipeline: Path = typer.Argument(..., help="Pipeline YAML file, e.g. pipelines/quickstart.yaml."),
+    pipeline: Path = typer.Argument(
+        ..., help="Pipeline YAML file, e.g. pipelines/quickstart.yaml."
+    ),
     run_dir: str = typer.Option(..., "--run-dir", "-o", help="Where outputs and records go."),
     until: str | None = typer.Option(None, help="Run stages up to and including this one."),
     only: str | None = typer.Option(None, help="Run this stage alone (its inputs must be done)."),
@@ -129,16 +131,30 @@ def status(
         console.print_json(json.dumps(st))
     else:
         table = Table(title=f"{st['run_name']} — {run_dir}")
-        for col in ("stage", "units", "rows in", "rows out", "rejects", "LLM calls", "tokens",
-                    "cost $", "time s", "state"):
+        for col in (
+            "stage",
+            "units",
+            "rows in",
+            "rows out",
+            "rejects",
+            "LLM calls",
+            "tokens",
+            "cost $",
+            "time s",
+            "state",
+        ):
             table.add_column(col, justify="right" if col not in ("stage", "rejects") else "left")
         for s in st["stages"]:
             rejects = ", ".join(f"{k}: {v:,}" for k, v in sorted(s["rejects"].items())) or "-"
             calls = _fmt_int(s["llm_calls"])
             if s["llm_cached"]:
                 calls += f" (+{_fmt_int(s['llm_cached'])} cached)"
-            state = {"complete": "[green]complete[/]", "partial": "[yellow]partial[/]",
-                     "stale": "[yellow]stale[/]", "not run": "[dim]not run[/]"}[s["state"]]
+            state = {
+                "complete": "[green]complete[/]",
+                "partial": "[yellow]partial[/]",
+                "stale": "[yellow]stale[/]",
+                "not run": "[dim]not run[/]",
+            }[s["state"]]
             table.add_row(
                 s["stage"],
                 f"{s['units_committed']}/{s['units_total']}",

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -339,13 +338,15 @@ class Runner:
                 stage=name,
                 stage_type=self.cfg.stage_type(name),
                 fingerprint=stage_fp,
-                units=list(zip(ids, unit_fps)),
+                units=list(zip(ids, unit_fps, strict=False)),
                 outputs=sorted(cls.all_outputs()),
                 upstream=refs,
             )
         )
         pending = [
-            (u, fp) for u, fp in zip(units, unit_fps) if not self.rd.committed(name, u.unit_id, fp)
+            (u, fp)
+            for u, fp in zip(units, unit_fps, strict=False)
+            if not self.rd.committed(name, u.unit_id, fp)
         ]
         outcome.units_total = len(units)
         outcome.units_skipped = len(units) - len(pending)
@@ -482,13 +483,16 @@ class Runner:
 
 
 def _pythonpath() -> str:
-    parts = [os.getcwd()] + [p for p in sys.path if p and os.path.isdir(p)]
+    """The working directory and PYTHONPATH of the driver, for the workers: plug-in stages
+    named 'module:Class' must import there too. Installed packages come from each node's own
+    environment."""
+    parts = [os.getcwd()]
     existing = os.environ.get("PYTHONPATH")
     if existing:
-        parts.insert(0, existing)
+        parts = existing.split(os.pathsep) + parts
     seen: list[str] = []
     for p in parts:
-        if p not in seen:
+        if p and p not in seen:
             seen.append(p)
     return os.pathsep.join(seen)
 

@@ -23,8 +23,14 @@ QUERIES = [{"_id": "q1", "text": "who makes honey"}, {"_id": "q2", "text": "why 
 QRELS = "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\t2\n"
 
 
-def beir(tmp_path: Path, docs=DOCS, queries=QUERIES, qrels=QRELS, raw_corpus: bytes | None = None,
-         extra_qrels: dict[str, str] | None = None) -> Path:
+def beir(
+    tmp_path: Path,
+    docs=DOCS,
+    queries=QUERIES,
+    qrels=QRELS,
+    raw_corpus: bytes | None = None,
+    extra_qrels: dict[str, str] | None = None,
+) -> Path:
     d = tmp_path / "beir"
     (d / "qrels").mkdir(parents=True)
     if raw_corpus is None:
@@ -137,24 +143,38 @@ def test_query_id_equal_to_doc_id(tmp_path):
 
 
 def test_exclusion_files_become_exclusions_not_judgments(tmp_path):
-    c = read(beir(tmp_path, extra_qrels={"source_docs.tsv": "query-id\tcorpus-id\tscore\nq1\td2\t-1\n"}))
+    c = read(
+        beir(tmp_path, extra_qrels={"source_docs.tsv": "query-id\tcorpus-id\tscore\nq1\td2\t-1\n"})
+    )
     assert c.exclusions.to_pylist() == [{"query_id": "q1", "doc_id": "d2", "reason": "source_doc"}]
     assert c.qrels.num_rows == 2 and c.rejects == []
 
 
 def test_jsonl_with_column_names_and_parquet(tmp_path):
     corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"pid": i, "body": t}) + "\n" for i, t in
-                              enumerate(["alpha text", "beta text"])))
+    corpus.write_text(
+        "".join(
+            json.dumps({"pid": i, "body": t}) + "\n"
+            for i, t in enumerate(["alpha text", "beta text"])
+        )
+    )
     queries = tmp_path / "q.parquet"
     pq.write_table(pa.table({"qid": ["a"], "question": ["alpha?"]}), queries)
     qrels = tmp_path / "qrels.jsonl"
     qrels.write_text(json.dumps({"qid": "a", "pid": 0, "rel": 1}) + "\n")
-    cols = {"doc_id": "pid", "text": "body", "title": None, "query_id": "qid",
-            "query_text": "question", "qrels_query_id": "qid", "qrels_doc_id": "pid",
-            "qrels_score": "rel"}
-    c = read_collection(IngestParams(source=str(corpus), queries=str(queries),
-                                     qrels=[str(qrels)], columns=cols))
+    cols = {
+        "doc_id": "pid",
+        "text": "body",
+        "title": None,
+        "query_id": "qid",
+        "query_text": "question",
+        "qrels_query_id": "qid",
+        "qrels_doc_id": "pid",
+        "qrels_score": "rel",
+    }
+    c = read_collection(
+        IngestParams(source=str(corpus), queries=str(queries), qrels=[str(qrels)], columns=cols)
+    )
     assert c.corpus.column("doc_id").to_pylist() == ["0", "1"]
     assert c.qrels.to_pylist() == [{"query_id": "a", "doc_id": "0", "score": 1}]
 

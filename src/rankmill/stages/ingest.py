@@ -193,7 +193,12 @@ def _jsonl_rows(path: Path, sink: _Sink, table: str) -> list[_Row]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 sink.find(
-                    "invalid_utf8", table, None, str(path), lineno, f"byte {exc.start}: {exc.reason}"
+                    "invalid_utf8",
+                    table,
+                    None,
+                    str(path),
+                    lineno,
+                    f"byte {exc.start}: {exc.reason}",
                 )
                 continue
             try:
@@ -219,7 +224,12 @@ def _tsv_rows(path: Path, sink: _Sink, table: str, cols: Columns) -> list[_Row]:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 sink.find(
-                    "invalid_utf8", table, None, str(path), lineno, f"byte {exc.start}: {exc.reason}"
+                    "invalid_utf8",
+                    table,
+                    None,
+                    str(path),
+                    lineno,
+                    f"byte {exc.start}: {exc.reason}",
                 )
                 continue
             parts = text.split("\t")
@@ -240,7 +250,7 @@ def _tsv_rows(path: Path, sink: _Sink, table: str, cols: Columns) -> list[_Row]:
                     f"expected {len(header)} tab-separated fields, got {len(parts)}",
                 )
                 continue
-            rows.append(_Row(dict(zip(header, parts)), str(path), lineno))
+            rows.append(_Row(dict(zip(header, parts, strict=False)), str(path), lineno))
     return rows
 
 
@@ -351,7 +361,9 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "corpus.jsonl").is_file():
             return "beir"
-        if (path / "dataset_dict.json").is_file() or (path / "corpus" / "dataset_info.json").is_file():
+        if (path / "dataset_dict.json").is_file() or (
+            path / "corpus" / "dataset_info.json"
+        ).is_file():
             return "hf"
         raise ConfigError(
             f"{path}: cannot tell the format (no corpus.jsonl, no save_to_disk dataset); set "
@@ -478,8 +490,13 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         title = _text(r.data.get(cols.title)) if cols.title else ""
         if did in seen_docs:
             act = sink.find(
-                "duplicate_id", "corpus", did, r.file, r.line,
-                f"doc id {did!r} first seen on line {seen_docs[did]}", doc_id=did,
+                "duplicate_id",
+                "corpus",
+                did,
+                r.file,
+                r.line,
+                f"doc id {did!r} first seen on line {seen_docs[did]}",
+                doc_id=did,
             )
             if act == "reject":
                 continue
@@ -488,16 +505,25 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         if norm in seen_text and seen_text[norm] != did:
             first = seen_text[norm]
             act = sink.find(
-                "duplicate_text", "corpus", did, r.file, r.line,
+                "duplicate_text",
+                "corpus",
+                did,
+                r.file,
+                r.line,
                 f"same title and text as doc {first!r}" + ("" if norm else " (both empty)"),
                 doc_id=did,
             )
             rejected = act == "reject"
         if not text.strip():
             act = sink.find(
-                "empty_text", "corpus", did, r.file, r.line,
+                "empty_text",
+                "corpus",
+                did,
+                r.file,
+                r.line,
                 "empty document text" + (f" (title: {title[:60]!r})" if title.strip() else ""),
-                doc_id=did, add_reject=not rejected,
+                doc_id=did,
+                add_reject=not rejected,
             )
             rejected = rejected or act == "reject"
         seen_text.setdefault(norm, did)
@@ -525,14 +551,20 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         text = _text(r.data.get(cols.query_text))
         if qid in seen_q:
             act = sink.find(
-                "duplicate_id", "queries", qid, r.file, r.line,
-                f"query id {qid!r} first seen on line {seen_q[qid]}", query_id=qid,
+                "duplicate_id",
+                "queries",
+                qid,
+                r.file,
+                r.line,
+                f"query id {qid!r} first seen on line {seen_q[qid]}",
+                query_id=qid,
             )
             if act == "reject":
                 continue
         if not text.strip():
-            act = sink.find("empty_text", "queries", qid, r.file, r.line, "empty query text",
-                            query_id=qid)
+            act = sink.find(
+                "empty_text", "queries", qid, r.file, r.line, "empty query text", query_id=qid
+            )
             if act == "reject":
                 rejected_q.add(qid)
                 seen_q.setdefault(qid, r.line)
@@ -540,8 +572,15 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         if qid in kept_docs:
             collisions.append(qid)
             if sink.policy("id_collision") != "keep":
-                act = sink.find("id_collision", "queries", qid, r.file, r.line,
-                                f"query id {qid!r} is also a document id", query_id=qid)
+                act = sink.find(
+                    "id_collision",
+                    "queries",
+                    qid,
+                    r.file,
+                    r.line,
+                    f"query id {qid!r} is also a document id",
+                    query_id=qid,
+                )
                 if act == "reject":
                     continue
         seen_q.setdefault(qid, r.line)
@@ -550,10 +589,16 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
     kept_q = set(q_ids)
     if collisions and sink.policy("id_collision") == "keep":
         # Usual in BEIR data (both numbered from 1); one summary finding, not one per query.
-        sink.find("id_collision", "queries", None, None, None,
-                  f"{len(collisions)} query ids are also document ids "
-                  f"(e.g. {', '.join(repr(c) for c in collisions[:3])}); harmless unless the ids "
-                  "end up in one namespace")
+        sink.find(
+            "id_collision",
+            "queries",
+            None,
+            None,
+            None,
+            f"{len(collisions)} query ids are also document ids "
+            f"(e.g. {', '.join(repr(c) for c in collisions[:3])}); harmless unless the ids "
+            "end up in one namespace",
+        )
 
     # qrels and exclusions
     def pairs(rows: list[_Row], table: str, allow_negative: bool) -> list[tuple[str, str, int]]:
@@ -563,8 +608,9 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
             qid = _str_id(r.data.get(cols.qrels_query_id))
             did = _str_id(r.data.get(cols.qrels_doc_id))
             if qid is None or did is None:
-                sink.find("malformed_row", table, None, r.file, r.line,
-                          "missing query or document id")
+                sink.find(
+                    "malformed_row", table, None, r.file, r.line, "missing query or document id"
+                )
                 continue
             row_id = f"{qid}:{did}"
             raw_score = r.data.get(cols.qrels_score, 1 if table == "exclusions" else None)
@@ -574,34 +620,71 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
             except (TypeError, ValueError):
                 ok, score_f = False, float("nan")
             if not ok:
-                act = sink.find("bad_score", table, row_id, r.file, r.line,
-                                f"score {raw_score!r} is not a non-negative integer",
-                                query_id=qid, doc_id=did)
+                act = sink.find(
+                    "bad_score",
+                    table,
+                    row_id,
+                    r.file,
+                    r.line,
+                    f"score {raw_score!r} is not a non-negative integer",
+                    query_id=qid,
+                    doc_id=did,
+                )
                 if act == "reject":
                     continue
                 score_f = 0.0 if math.isnan(score_f) else score_f
             if qid in rejected_q or did in rejected_docs:
                 what = f"query {qid!r}" if qid in rejected_q else f"document {did!r}"
-                act = sink.find("rejected_ref", table, row_id, r.file, r.line,
-                                f"{what} was rejected", query_id=qid, doc_id=did)
+                act = sink.find(
+                    "rejected_ref",
+                    table,
+                    row_id,
+                    r.file,
+                    r.line,
+                    f"{what} was rejected",
+                    query_id=qid,
+                    doc_id=did,
+                )
                 if act == "reject":
                     continue
             elif qid not in kept_q and query_rows:
-                act = sink.find("unknown_query", table, row_id, r.file, r.line,
-                                f"query id {qid!r} is not in the queries", query_id=qid, doc_id=did)
+                act = sink.find(
+                    "unknown_query",
+                    table,
+                    row_id,
+                    r.file,
+                    r.line,
+                    f"query id {qid!r} is not in the queries",
+                    query_id=qid,
+                    doc_id=did,
+                )
                 if act == "reject":
                     continue
             elif did not in kept_docs:
-                act = sink.find("unknown_doc", table, row_id, r.file, r.line,
-                                f"document id {did!r} is not in the corpus", query_id=qid,
-                                doc_id=did)
+                act = sink.find(
+                    "unknown_doc",
+                    table,
+                    row_id,
+                    r.file,
+                    r.line,
+                    f"document id {did!r} is not in the corpus",
+                    query_id=qid,
+                    doc_id=did,
+                )
                 if act == "reject":
                     continue
             key = (qid, did)
             if key in seen:
-                act = sink.find("duplicate_qrel", table, row_id, r.file, r.line,
-                                f"({qid}, {did}) first judged on line {seen[key]}",
-                                query_id=qid, doc_id=did)
+                act = sink.find(
+                    "duplicate_qrel",
+                    table,
+                    row_id,
+                    r.file,
+                    r.line,
+                    f"({qid}, {did}) first judged on line {seen[key]}",
+                    query_id=qid,
+                    doc_id=did,
+                )
                 if act == "reject":
                     continue
             seen.setdefault(key, r.line)
@@ -615,8 +698,15 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
     if qrel_rows:
         for qid in q_ids:
             if qid not in judged:
-                sink.find("unjudged_query", "queries", qid, None, None,
-                          "no relevant judgment", query_id=qid)
+                sink.find(
+                    "unjudged_query",
+                    "queries",
+                    qid,
+                    None,
+                    None,
+                    "no relevant judgment",
+                    query_id=qid,
+                )
 
     sink.raise_errors()
     return Collection(
@@ -680,9 +770,13 @@ class IngestStage(Stage):
         for f in coll.findings[: self.params.max_findings_logged]:
             log.warning("ingest: %s: %s: %s (%s)", f.where(), f.kind, f.detail, f.action)
         counters = Counters(
-            rows_in=coll.corpus.num_rows + coll.queries.num_rows + coll.qrels.num_rows
+            rows_in=coll.corpus.num_rows
+            + coll.queries.num_rows
+            + coll.qrels.num_rows
             + len(coll.rejects),
-            rows_out=coll.corpus.num_rows + coll.queries.num_rows + coll.qrels.num_rows
+            rows_out=coll.corpus.num_rows
+            + coll.queries.num_rows
+            + coll.qrels.num_rows
             + coll.exclusions.num_rows,
         )
         for kind, n in coll.counts().items():
