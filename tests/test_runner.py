@@ -6,11 +6,14 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from rankmill.cli import app
 from rankmill.config import validate_pipeline
 from rankmill.errors import StageError, UnitFailed
 from rankmill.manifest import RunDir
 from rankmill.runner import Runner
+from rankmill.status import run_status
 
 
 def toy(tmp_path: Path, **count) -> dict:
@@ -66,6 +69,14 @@ def test_resume_after_failing_unit_recomputes_only_that_unit(tmp_path, ray_sessi
     plan, recs = rd.stage_status("count")
     assert [r is not None for r in recs] == [True, True, False, True]
     assert rd.read_plan("double") is None  # the failing stage stops the run
+    st = run_status(str(run_dir))
+    assert not st["complete"]
+    assert [(x["stage"], x["state"], x["units_committed"]) for x in st["stages"]] == [
+        ("count", "partial", 3),
+        ("double", "not run", 0),
+    ]
+    result = CliRunner().invoke(app, ["status", str(run_dir)])
+    assert result.exit_code == 1 and "partial" in result.output
 
     Runner(cfg, str(run_dir)).run()
     log = processed(tmp_path)
@@ -84,6 +95,14 @@ def test_resume_after_failing_unit_recomputes_only_that_unit(tmp_path, ray_sessi
     # A finished run re-run computes nothing and does not even start Ray work.
     result = Runner(cfg, str(run_dir)).run()
     assert result.units_run == 0 and processed(tmp_path) == []
+    st = run_status(str(run_dir))
+    assert st["complete"] and st["stages"][1]["rejects"] == {"odd_value": 9}
+    assert st["stages"][0]["rows_out"] == 20
+    assert CliRunner().invoke(app, ["status", str(run_dir)]).exit_code == 0
+    # A changed param makes the stage stale until it is run again.
+    Runner(validate_pipeline(toy(tmp_path, n_units=5)), str(run_dir)).run(until="count")
+    st = run_status(str(run_dir))
+    assert [x["state"] for x in st["stages"]] == ["complete", "stale"] and not st["complete"]
 
 
 @pytest.mark.slow
