@@ -300,6 +300,9 @@ def needs_ledger(budget: dict[str, Any] | None, limits: dict[str, dict[str, Any]
     return any(v.get("rpm") or v.get("tpm") for v in limits.values())
 
 
+_driver_handles: dict[str, Any] = {}
+
+
 def ensure_run_services(cfg: Any, run_dir: str, ray: Any = None) -> dict[str, Any]:
     """Create (or refresh) the run-wide ledger actor; returns entries for StageContext.shared.
 
@@ -307,6 +310,7 @@ def ensure_run_services(cfg: Any, run_dir: str, ray: Any = None) -> dict[str, An
     ``cfg`` is a PipelineConfig. The actor is named after the run directory, owned by the
     driver (it ends with the driver's job, so nothing outlives the run), and re-configured on
     every call with the current limits and with what the journal says was already paid.
+    The driver holds a handle until its job ends (or :func:`release_run_services`).
     Returns ``{}`` when the run has no rate limits and no budget (no actor is needed).
     """
     from rankmill.llm.journal import journal_dir, scan
@@ -326,6 +330,8 @@ def ensure_run_services(cfg: Any, run_dir: str, ray: Any = None) -> dict[str, An
     actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(_LedgerActor)
     actor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
     ray.get(actor.configure.remote(budget, limits, totals.cost_usd, totals.requests))
+    # A named actor without a handle is garbage-collected; the driver keeps one for the run.
+    _driver_handles[name] = actor
     log.info(
         "LLM ledger %s ready (%d requests, $%.4f already paid)",
         name,
@@ -371,3 +377,8 @@ def make_limiter(
         else:
             ledger.configure(budget, limits)
     return LocalLimiter(endpoint, ledger, lock)
+
+
+def release_run_services(run_dir: str) -> None:
+    """Drop the driver's handle of the run's ledger actor (Ray then ends it)."""
+    _driver_handles.pop(ledger_name(run_dir), None)
