@@ -1,0 +1,60 @@
+"""BM25 over a corpus with bm25s (sparse, in memory).
+
+>>> idx = BM25Index(k1=0.9, b=0.4).build(["the cat sat", "dogs bark"])
+>>> scores, ids = idx.search(["cat"], k=2)
+
+Results are padded with id -1 (score 0) where fewer than ``k`` documents share a term with
+the query: a zero BM25 score is no evidence, so it never ranks a document.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class BM25Index:
+    """A bm25s index; tokenisation is lower-cased words with English stopwords removed."""
+
+    def __init__(
+        self, k1: float = 0.9, b: float = 0.4, method: str = "lucene", stopwords: str | None = "en"
+    ):
+        self.k1, self.b, self.method, self.stopwords = k1, b, method, stopwords
+        self._retriever = None
+        self.num_docs = 0
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+        import bm25s
+
+        return bm25s.tokenize(
+            list(texts), stopwords=self.stopwords or [], return_ids=False, show_progress=False
+        )
+
+    def build(self, texts: Sequence[str]) -> BM25Index:
+        import bm25s
+
+        self.num_docs = len(texts)
+        self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
+        self._retriever.index(self._tokenize(texts), show_progress=False)
+        return self
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, doc indices), each (n_queries, k), best first; -1 pads misses."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Index.search before build")
+        n = len(queries)
+        scores = np.zeros((n, k), dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        kk = min(k, self.num_docs)
+        if n == 0 or kk == 0:
+            return scores, ids
+        res, sc = self._retriever.retrieve(self._tokenize(queries), k=kk, show_progress=False)
+        res, sc = np.asarray(res, dtype=np.int64), np.asarray(sc, dtype=np.float32)
+        hit = sc > 0
+        ids[:, :kk] = np.where(hit, res, -1)
+        scores[:, :kk] = np.where(hit, sc, 0.0)
+        return scores, ids
