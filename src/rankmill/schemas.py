@@ -101,3 +101,19 @@ LABELS = pa.schema(
         pa.field("qrel_score", pa.int32()),  # the given judgment of the pair, if any
     ]
 )
+
+# Hard negatives per query, written by ``mine``. Scores are on the scale of ``score_kind``
+# ("dense": cosine of the mining model; "cross_encoder": the rescoring model's score), so a
+# trainer can apply its own margin; ranks are 1-based positions in the ranking they were
+# mined from.
+NEGATIVES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("positive_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("positive_scores", pa.list_(pa.float64())),
+        pa.field("negative_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("negative_scores", pa.list_(pa.float64())),
+        pa.field("negative_ranks", pa.list_(pa.int32())),
+        pa.field("score_kind", pa.string()),
+    ]
+)

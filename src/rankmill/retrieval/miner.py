@@ -67,7 +67,9 @@ class MiningParams(Model):
     document_prompt_name: str | None = Field(
         None, description="Name of a prompt in the model's config for documents."
     )
-    batch_size: int = Field(64, ge=1, description="Texts per encoding batch.")
+    batch_size: int = Field(
+        32, ge=1, description="Texts per encoding batch (memory grows with it; raise it on a GPU)."
+    )
     max_seq_length: int | None = Field(
         None, ge=8, description="Truncate texts to this many tokens (None: the model's own)."
     )

@@ -1,0 +1,154 @@
+"""The mining engine with the real all-MiniLM-L6-v2 on a small hand-made corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rankmill.retrieval.dense import DenseEncoder
+from rankmill.retrieval.miner import MineQuery, Miner, MiningParams, doc_text
+
+pytestmark = pytest.mark.slow
+
+TOPICS = {
+    "bees": [
+        "Honey bees collect nectar and turn it into honey inside the hive.",
+        "A bee colony has one queen, thousands of workers and some drones.",
+        "Bees pollinate flowering plants while they gather pollen.",
+        "Beekeepers harvest honey from wooden frames in the hive boxes.",
+    ],
+    "volcanoes": [
+        "Lava from the volcano flowed downhill and covered the village road.",
+        "Volcanic eruptions throw ash high into the atmosphere.",
+        "Magma rises through cracks in the crust before an eruption.",
+    ],
+    "bread": [
+        "Yeast ferments sugar and makes bread dough rise.",
+        "Sourdough bread uses a starter of wild yeast and bacteria.",
+        "Knead the dough for ten minutes before the first proof.",
+    ],
+    "trains": [
+        "High-speed trains run on dedicated tracks at 300 km/h.",
+        "The steam locomotive pulled twelve coaches up the hill.",
+    ],
+}
+DOCS = [(f"{t}{i}", text) for t, texts in TOPICS.items() for i, text in enumerate(texts)]
+# An exact copy of the positive under another id: caught by text, never matched as a positive.
+DOCS.append(("bees0-copy", TOPICS["bees"][0]))
+IDS = [d for d, _ in DOCS]
+TEXTS = [t for _, t in DOCS]
+
+
+@pytest.fixture(scope="module")
+def miner(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("emb")
+    p = MiningParams(num_negatives=3, pool_size=8, filters={"max_relative_score": None})
+    m = Miner(p, cache_dir=str(cache), seed=7)
+    m.index_corpus(IDS, None, TEXTS)
+    return m
+
+
+def test_encoder_normalizes_and_prompts_change_embeddings():
+    enc = DenseEncoder(query_prompt="query: ")
+    q = enc.encode_queries(["how do bees make honey"])
+    d = enc.encode_documents(["how do bees make honey"])
+    assert q.shape == (1, enc.dim) and q.dtype == np.float32
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(q, d)
+    assert enc.cache_key("query") != enc.cache_key("document")
+
+
+def test_positives_excluded_by_id_and_copies_by_text(miner):
+    [r] = miner.mine([MineQuery("q1", "how do bees make honey", positive_ids=["bees0"])])
+    assert r.positive_ids == ["bees0"] and r.reject is None
+    assert "bees0" not in r.negative_ids
+    assert "bees0-copy" not in r.negative_ids  # near-duplicate of the positive
+    assert r.skipped["positive"] == 1 and r.skipped["near_duplicate_of_positive"] == 1
+    assert len(r.negative_ids) == 3
+    assert r.negative_ranks == sorted(r.negative_ranks)
+    assert len(r.candidate_ids) == 8 and "bees0" in r.candidate_ids  # the pool keeps positives
+    assert set(r.retrievers) <= {"bm25", "dense", "bm25+dense"}
+    assert all(s is None or s >= 1 for s in r.bm25_ranks)
+
+
+def test_exclusions_and_missing_positives(miner):
+    [r] = miner.mine(
+        [MineQuery("q1", "how do bees make honey", ["bees0", "nope"], excluded_ids=["bees3"])]
+    )
+    assert "bees3" not in r.negative_ids and r.skipped.get("excluded") == 1
+    assert r.missing_positive_ids == ["nope"]
+    [r] = miner.mine([MineQuery("q2", "volcano lava", positive_ids=["nope"])])
+    assert r.reject == "no_positive" and r.negative_ids == [] and r.candidate_ids
+
+
+def test_relative_margin_keeps_only_clearly_weaker_negatives(tmp_path):
+    p = MiningParams(num_negatives=20, pool_size=5)
+    m = Miner(p, cache_dir=str(tmp_path), seed=7)
+    m.index_corpus(IDS, None, TEXTS)
+    [r] = m.mine([MineQuery("q", "how do bees make honey", ["bees3"])])
+    pos = r.positive_scores[0]
+    assert r.negative_scores and max(r.negative_scores) <= pos - 0.05 * abs(pos) + 1e-9
+    assert r.skipped.get("relative_margin", 0) >= 1
+    assert m.cache.computed_rows == 0  # same corpus, same model: read from the cache
+
+
+def test_results_do_not_depend_on_batching(tmp_path):
+    p = MiningParams(
+        num_negatives=3, sampling={"strategy": "random"}, filters={"max_relative_score": None}
+    )
+    m = Miner(p, cache_dir=str(tmp_path), seed=3)
+    m.index_corpus(IDS, None, TEXTS)
+    qs = [
+        MineQuery("a", "honey bees", ["bees1"]),
+        MineQuery("b", "bread yeast", ["bread0"]),
+        MineQuery("c", "volcano ash", ["volcanoes1"]),
+    ]
+    together = [r.negative_ids for r in m.mine(qs)]
+    apart = [m.mine([q])[0].negative_ids for q in qs]
+    assert together == apart
+
+
+def test_bm25_only_and_minmax_fusion(tmp_path):
+    p = MiningParams(
+        num_negatives=2, pool_size=4, fusion="minmax", filters={"max_relative_score": None}
+    )
+    m = Miner(p, cache_dir=None, seed=1)
+    m.index_corpus(IDS, None, TEXTS)
+    [r] = m.mine([MineQuery("q", "bread dough yeast", ["bread0"])])
+    assert r.candidate_ids[0] in {"bread0", "bread1", "bread2"}
+    with pytest.raises(ValueError):
+        MiningParams(retrievers=["bm25"])  # negatives come from dense by default
+    p = MiningParams(retrievers=["bm25"], negatives_from="fused", num_negatives=2)
+    m = Miner(p, cache_dir=None, seed=1)
+    m.index_corpus(IDS, None, TEXTS)
+    [r] = m.mine([MineQuery("q", "bread dough yeast", ["bread0"])])
+    assert set(r.retrievers) == {"bm25"} and r.negative_ids
+
+
+def test_doc_text_adds_a_title_once():
+    assert doc_text("Bees", "Bees make honey.") == "Bees make honey."
+    assert doc_text("Bees", "They make honey.") == "Bees\nThey make honey."
+    assert doc_text(None, "x") == "x"
+
+
+def test_cross_encoder_rescoring_sets_the_filter_scale(tmp_path):
+    import torch
+
+    from rankmill.retrieval.dense import resolve_model
+
+    torch.manual_seed(0)  # the MiniLM checkpoint has no reranker head: a seeded random one
+    p = MiningParams(
+        num_negatives=2,
+        pool_size=5,
+        rescore_depth=6,
+        cross_encoder=resolve_model("all-MiniLM-L6-v2"),
+        filters={"max_relative_score": None},
+    )
+    m = Miner(p, cache_dir=str(tmp_path), seed=1)
+    m.index_corpus(IDS, None, TEXTS)
+    [r] = m.mine([MineQuery("q", "how do bees make honey", ["bees0"])])
+    assert len(r.negative_ids) == 2 and max(r.negative_ranks) <= 6
+    expect = m.rescorer.score(
+        "how do bees make honey", [TEXTS[IDS.index(d)] for d in r.negative_ids]
+    )
+    np.testing.assert_allclose(r.negative_scores, expect, rtol=1e-5)
