@@ -9,7 +9,7 @@ The fake OpenAI server (tests/fixtures/openai_server.py) runs as a separate proc
 CPU is not counted as the client's. Client CPU is this process's CPU time (all threads,
 journal fsync thread included) over the timed batch, divided by the requests.
 
-    python benchmarks/llm_throughput.py [--latency 1.0] [--waves 4] [--levels 32,128,512]
+    python benchmarks/llm_throughput.py [--latency 1.0] [--waves 6] [--levels 32,128,512]
 
 Prints a table, then ``summary: ratio_c32=… ratio_c128=… ratio_c512=… cpu_ms_per_request=…
 cpu_ratio_vs_openai=…`` (CPU figures at concurrency 128).
@@ -96,7 +96,7 @@ async def run_bare(base_url: str, c: int, n: int, tag: str) -> tuple[float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description="LLM gateway throughput and CPU per request")
     ap.add_argument("--latency", type=float, default=1.0)
-    ap.add_argument("--waves", type=int, default=4, help="requests = waves x concurrency")
+    ap.add_argument("--waves", type=int, default=6, help="requests = waves x concurrency")
     ap.add_argument("--levels", default="32,128,512")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]

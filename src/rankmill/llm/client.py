@@ -585,10 +585,30 @@ class Gateway:
     ) -> ChatResult:
         client = self._ensure_client()
         assert self._sem is not None
+        est_tokens, est_cost = 0, 0.0
+        t0 = time.monotonic()
+        attempts = 0
+
+        async def attempt() -> bytes:
+            nonlocal attempts
+            attempts += 1
+            if abort:
+                raise _Aborted()
+            # The client's raw-response path (openai's documented way to call an endpoint
+            # without its models): same auth, headers and status errors, but no request
+            # transform or response model, whose CPU is most of the client's cost.
+            resp = await client.post(
+                "/chat/completions",
+                body={"model": self.endpoint.model, "messages": req.messages, **params},
+                cast_to=httpx2.Response,
+            )
+            return resp.content
+
+        # The semaphore bounds HTTP requests in flight; it is released as soon as the answer
+        # is in, so the journal's fsync does not hold an endpoint slot.
         async with self._sem:
             if abort:
                 raise _Aborted()
-            est_tokens = est_cost = 0
             if self.limiter is not None:
                 est_tokens, est_cost = self._estimate(req.messages, params)
                 try:
@@ -597,73 +617,49 @@ class Gateway:
                     if abort is not None and not abort:
                         abort.append(exc)
                     raise
-            sent = False
-            entry: dict[str, Any] | None = None
             try:
-                t0 = time.monotonic()
-                attempts = 0
-
-                async def attempt() -> bytes:
-                    nonlocal attempts
-                    attempts += 1
-                    if abort:
-                        raise _Aborted()
-                    # The client's raw-response path (openai's documented way to call an
-                    # endpoint without its models): same auth, headers and status errors, but
-                    # no request transform or response model, whose CPU is most of its cost.
-                    resp = await client.post(
-                        "/chat/completions",
-                        body={"model": self.endpoint.model, "messages": req.messages, **params},
-                        cast_to=httpx2.Response,
-                    )
-                    return resp.content
-
-                try:
-                    content = await self._retrying.copy()(attempt)
-                except _Aborted:
-                    raise
-                except Exception as exc:
-                    err = self._classify(exc, attempts, time.monotonic() - t0)
-                    if abort is not None and not abort:
-                        abort.append(err)
-                    raise err from None
-                sent = True
-                parsed = parse_completion(content)
-                pt = int(parsed.get("prompt_tokens") or 0)
-                ct = int(parsed.get("completion_tokens") or 0)
-                cost = pt * self._price_in + ct * self._price_out
-                entry = {
-                    "v": journal_mod.JOURNAL_VERSION,
-                    "key": key,
-                    "ep": self.ep_id,
-                    "model": parsed.get("model") or self.endpoint.model,
-                    "ok": parsed["ok"],
-                    "reason": parsed.get("reason"),
-                    "detail": parsed.get("detail"),
-                    "text": parsed.get("text"),
-                    "finish_reason": parsed.get("finish_reason"),
-                    "logprobs": parsed.get("logprobs"),
-                    "prompt_tokens": pt,
-                    "completion_tokens": ct,
-                    "cost_usd": cost,
-                    "seed": seed,
-                    "sample_index": req.sample_index,
-                    "stage": self.stage,
-                    "t": time.time(),
-                }
-                if "tool_calls" in parsed:
-                    entry["tool_calls"] = parsed["tool_calls"]
-                # Durable before use: a crash after this line cannot make us pay again.
-                await self.journal.append(entry)
-                self._entries[key] = entry
-            finally:
+                content = await self._retrying.copy()(attempt)
+            except BaseException as exc:
                 if self.limiter is not None:
-                    tokens, cost = 0, 0.0
-                    if entry is not None:
-                        tokens = int(entry["prompt_tokens"]) + int(entry["completion_tokens"])
-                        cost = float(entry["cost_usd"])
-                    self.limiter.settle(est_tokens, tokens, est_cost, cost, sent)
-        assert entry is not None
+                    self.limiter.settle(est_tokens, 0, est_cost, 0.0, False)
+                if isinstance(exc, (_Aborted, asyncio.CancelledError)) or not isinstance(
+                    exc, Exception
+                ):
+                    raise
+                err = self._classify(exc, attempts, time.monotonic() - t0)
+                if abort is not None and not abort:
+                    abort.append(err)
+                raise err from None
+        parsed = parse_completion(content)
+        pt = int(parsed.get("prompt_tokens") or 0)
+        ct = int(parsed.get("completion_tokens") or 0)
+        cost = pt * self._price_in + ct * self._price_out
+        entry: dict[str, Any] = {
+            "v": journal_mod.JOURNAL_VERSION,
+            "key": key,
+            "ep": self.ep_id,
+            "model": parsed.get("model") or self.endpoint.model,
+            "ok": parsed["ok"],
+            "reason": parsed.get("reason"),
+            "detail": parsed.get("detail"),
+            "text": parsed.get("text"),
+            "finish_reason": parsed.get("finish_reason"),
+            "logprobs": parsed.get("logprobs"),
+            "prompt_tokens": pt,
+            "completion_tokens": ct,
+            "cost_usd": cost,
+            "seed": seed,
+            "sample_index": req.sample_index,
+            "stage": self.stage,
+            "t": time.time(),
+        }
+        if "tool_calls" in parsed:
+            entry["tool_calls"] = parsed["tool_calls"]
+        if self.limiter is not None:  # paid once the body is in, whatever happens next
+            self.limiter.settle(est_tokens, pt + ct, est_cost, cost, True)
+        # Durable before use: a crash after this line cannot make us pay again.
+        await self.journal.append(entry)
+        self._entries[key] = entry
         self._count(entry, cached=False)
         result = ChatResult.from_entry(entry, cached=False, tag=req.tag)
         result.attempts = attempts
