@@ -12,6 +12,9 @@ from rankmill.errors import ManifestError
 from rankmill.manifest import Counters, RunDir
 
 
+_MODEL_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
+
+
 def run_status(run_dir: str) -> dict[str, Any]:
     rd = RunDir(run_dir)
     pipeline = rd.read_pipeline()
@@ -40,12 +43,14 @@ def run_status(run_dir: str) -> dict[str, Any]:
             state = "partial"
         complete = complete and state == "complete"
         models: dict[str, dict[str, float]] = {}
+        other: dict[str, float] = {}
         for key, value in total.extra.items():
-            # per-model LLM accounting lives in extra as "llm:<model>:<field>"
-            if key.startswith("llm:"):
-                _, model, fld = key.rsplit(":", 2) if key.count(":") >= 2 else (key, "?", "?")
-                model = key[len("llm:") : key.rindex(":")]
+            # the gateway keeps per-model accounting in extra as "<field>:<model>"
+            fld, sep, model = key.partition(":")
+            if sep and fld in _MODEL_FIELDS:
                 models.setdefault(model, {})[fld] = value
+            else:
+                other[key] = value
         stages.append(
             {
                 "stage": name,
@@ -63,7 +68,7 @@ def run_status(run_dir: str) -> dict[str, Any]:
                 "unit_seconds": total.seconds,
                 "wall_seconds": wall,
                 "models": models,
-                "extra": {k: v for k, v in total.extra.items() if not k.startswith("llm:")},
+                "extra": other,
             }
         )
     return {
