@@ -30,7 +30,12 @@ from rankmill.retrieval import fusion
 from rankmill.retrieval.bm25 import BM25Index
 from rankmill.retrieval.cache import EmbeddingCache
 from rankmill.retrieval.dense import DEFAULT_MODEL, DenseEncoder
-from rankmill.retrieval.filters import DuplicateGuard, FilterParams, filter_candidates
+from rankmill.retrieval.filters import (
+    DuplicateGuard,
+    FilterOutcome,
+    FilterParams,
+    filter_candidates,
+)
 from rankmill.retrieval.index import DenseIndex, IndexParams
 from rankmill.retrieval.sampling import SamplingParams, sample_negatives
 
@@ -148,6 +153,7 @@ class MinedQuery:
     considered: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     missing_positive_ids: list[str] = field(default_factory=list)
+    full_ranking: bool = False  # nothing survived in mining_depth: the whole corpus was ranked
     reject: str | None = None
     detail: str | None = None
 
@@ -254,7 +260,17 @@ class Miner:
             out[s : s + block] = np.asarray(self.emb[s : s + block], dtype=np.float32) @ qv
         return out
 
-    def _filter(self, q, neg_pool, filter_scores, pos_ids, filter_pos, pos_rows, pos_emb):  # noqa: ANN001, ANN202
+    def _filter(
+        self,
+        q: MineQuery,
+        neg_pool: np.ndarray,
+        filter_scores: np.ndarray,
+        pos_ids: list[str],
+        filter_pos: np.ndarray,
+        pos_rows: list[int],
+        pos_emb: np.ndarray | None,
+    ) -> tuple[FilterOutcome, list[str], _Texts]:
+        """Run the per-candidate filters over ``neg_pool`` (corpus rows in rank order)."""
         p = self.params
         assert self.emb is not None and self.texts is not None
         pos_sims = None
@@ -400,9 +416,9 @@ class Miner:
             outcome, neg_doc_ids, texts = self._filter(
                 q, neg_pool, filter_scores, pos_ids, filter_pos, pos_rows, pos_emb
             )
-            out.skipped["fallback_full_ranking"] = 1
+            out.full_ranking = True
         out.considered = len(neg_pool)
-        out.skipped = {**outcome.counts(), **out.skipped}
+        out.skipped = outcome.counts()
         kept = outcome.kept
         reject = None
         dup_skips = 0

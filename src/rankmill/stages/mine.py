@@ -211,6 +211,8 @@ class MineStage(Stage):
             considered += m.considered
             for reason, n in m.skipped.items():
                 skipped[reason] += n
+            if m.full_ranking:
+                extra["full_ranking_fallbacks"] = extra.get("full_ranking_fallbacks", 0) + 1
             if m.missing_positive_ids:
                 extra["missing_positives"] = extra.get("missing_positives", 0) + len(
                     m.missing_positive_ids
