@@ -40,10 +40,14 @@ TEXTS = [t for _, t in DOCS]
 
 
 @pytest.fixture(scope="module")
-def miner(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("emb")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("emb"))
+
+
+@pytest.fixture(scope="module")
+def miner(cache):
     p = MiningParams(num_negatives=3, pool_size=8, filters={"max_relative_score": None})
-    m = Miner(p, cache_dir=str(cache), seed=7)
+    m = Miner(p, cache_dir=cache, seed=7)
     m.index_corpus(IDS, None, TEXTS)
     return m
 
@@ -81,9 +85,9 @@ def test_exclusions_and_missing_positives(miner):
     assert r.reject == "no_positive" and r.negative_ids == [] and r.candidate_ids
 
 
-def test_relative_margin_keeps_only_clearly_weaker_negatives(tmp_path):
+def test_relative_margin_keeps_only_clearly_weaker_negatives(miner, cache):
     p = MiningParams(num_negatives=20, pool_size=5)
-    m = Miner(p, cache_dir=str(tmp_path), seed=7)
+    m = Miner(p, cache_dir=cache, seed=7)
     m.index_corpus(IDS, None, TEXTS)
     [r] = m.mine([MineQuery("q", "how do bees make honey", ["bees3"])])
     pos = r.positive_scores[0]

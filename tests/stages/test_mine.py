@@ -42,7 +42,7 @@ SOURCE = "query-id\tcorpus-id\tscore\nq1\tb4\t-1\n"
 
 def beir(tmp_path: Path) -> Path:
     d = tmp_path / "beir"
-    (d / "qrels").mkdir(parents=True)
+    (d / "qrels").mkdir(parents=True, exist_ok=True)
     (d / "corpus.jsonl").write_text(
         "".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in DOCS.items())
     )
