@@ -67,6 +67,7 @@ CANDIDATES = pa.schema(
         pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
         pa.field("scores", pa.list_(pa.float64())),  # fused score per doc
         pa.field("bm25_ranks", pa.list_(pa.int32())),  # 1-based; null where BM25 missed it
+        pa.field("bm25_scores", pa.list_(pa.float64())),  # null where BM25 missed it
         pa.field("dense_ranks", pa.list_(pa.int32())),  # 1-based; null where dense missed it
         pa.field("dense_scores", pa.list_(pa.float64())),
         pa.field("retrievers", pa.list_(pa.string())),  # "bm25", "dense" or "bm25+dense"

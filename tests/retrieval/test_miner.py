@@ -73,6 +73,7 @@ def test_positives_excluded_by_id_and_copies_by_text(miner):
     assert len(r.candidate_ids) == 8 and "bees0" in r.candidate_ids  # the pool keeps positives
     assert set(r.retrievers) <= {"bm25", "dense", "bm25+dense"}
     assert all(s is None or s >= 1 for s in r.bm25_ranks)
+    assert [s is None for s in r.bm25_scores] == [s is None for s in r.bm25_ranks]
 
 
 def test_exclusions_and_missing_positives(miner):

@@ -142,6 +142,7 @@ class MinedQuery:
     candidate_ids: list[str]
     candidate_scores: list[float]  # fused
     bm25_ranks: list[int | None]
+    bm25_scores: list[float | None]
     dense_ranks: list[int | None]
     dense_scores: list[float]
     retrievers: list[str]
@@ -345,6 +346,9 @@ class Miner:
         pool = np.asarray(fused_ids[:fused_depth], dtype=np.int64)
         pool_scores = np.asarray(fused_scores[:fused_depth], dtype=np.float64)
         rank_in = {n: {int(d): r for r, d in enumerate(v, start=1)} for n, v in ranked.items()}
+        bm25_score: dict[int, float] = {}
+        if "bm25" in scored:
+            bm25_score = {int(d): float(x) for d, x in zip(*scored["bm25"], strict=True)}
         cand_emb = np.asarray(self.emb[np.sort(pool)], dtype=np.float32) if len(pool) else None
         dense_scores = np.zeros(len(pool))
         if cand_emb is not None:
@@ -371,6 +375,7 @@ class Miner:
             bm25_ranks=[
                 rank_in["bm25"].get(int(j)) if "bm25" in rank_in else None for j in pool[:k]
             ],
+            bm25_scores=[bm25_score.get(int(j)) for j in pool[:k]],
             dense_ranks=[
                 rank_in["dense"].get(int(j)) if "dense" in rank_in else None for j in pool[:k]
             ],

@@ -247,6 +247,7 @@ class MineStage(Stage):
                 "doc_ids": [m.candidate_ids for m in mined],
                 "scores": [m.candidate_scores for m in mined],
                 "bm25_ranks": [m.bm25_ranks for m in mined],
+                "bm25_scores": [m.bm25_scores for m in mined],
                 "dense_ranks": [m.dense_ranks for m in mined],
                 "dense_scores": [m.dense_scores for m in mined],
                 "retrievers": [m.retrievers for m in mined],
