@@ -157,3 +157,14 @@ def test_cross_encoder_rescoring_sets_the_filter_scale(tmp_path):
         "how do bees make honey", [TEXTS[IDS.index(d)] for d in r.negative_ids]
     )
     np.testing.assert_allclose(r.negative_scores, expect, rtol=1e-5)
+
+
+def test_copies_among_negatives_are_taken_once():
+    ids = IDS + ["bees1-copy"]
+    texts = TEXTS + [TOPICS["bees"][1]]
+    p = MiningParams(num_negatives=4, filters={"max_relative_score": None})
+    m = Miner(p, cache_dir=None, seed=2)
+    m.index_corpus(ids, None, texts)
+    [r] = m.mine([MineQuery("q", "bee colony queen and workers", ["bees0"])])
+    assert len({"bees1", "bees1-copy"} & set(r.negative_ids)) == 1
+    assert r.skipped.get("near_duplicate") == 1 and len(r.negative_ids) == 4

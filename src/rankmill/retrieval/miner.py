@@ -425,23 +425,31 @@ class Miner:
         out.considered = len(neg_pool)
         out.skipped = outcome.counts()
         kept = outcome.kept
-        reject = None
         dup_skips = 0
-        if p.filters.duplicate_ratio is not None:
-            guard = DuplicateGuard(p.filters.duplicate_ratio, p.filters.duplicate_chars)
+        guard = (
+            DuplicateGuard(p.filters.duplicate_ratio, p.filters.duplicate_chars)
+            if p.filters.duplicate_ratio is not None
+            else None
+        )
 
-            def reject(pos: int) -> bool:
-                nonlocal dup_skips
-                text = texts[int(kept[pos])]
-                if guard.is_duplicate(text):
-                    dup_skips += 1
-                    return True
-                guard.accept(text)
-                return False
+        def is_duplicate(pos: int) -> bool:
+            # Mutual near-duplicates are checked only for picks, against earlier picks.
+            nonlocal dup_skips
+            assert guard is not None
+            text = texts[int(kept[pos])]
+            if guard.is_duplicate(text):
+                dup_skips += 1
+                return True
+            guard.accept(text)
+            return False
 
         ranks = kept + 1  # 1-based rank in the ranking negatives come from
         chosen = sample_negatives(
-            ranks, p.num_negatives, p.sampling, query_rng(self.seed, q.query_id), reject
+            ranks,
+            p.num_negatives,
+            p.sampling,
+            query_rng(self.seed, q.query_id),
+            is_duplicate if guard is not None else None,
         )
         if dup_skips:
             out.skipped["near_duplicate"] = dup_skips
