@@ -176,6 +176,13 @@ def status(
                     f"{m.get('completion_tokens', 0):,.0f} completion tokens, "
                     f"${m.get('cost_usd', 0):.4f}"
                 )
+        for s in st["stages"]:
+            if s["extra"]:
+                items = ", ".join(
+                    f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:,.2f}"
+                    for k, v in sorted(s["extra"].items())
+                )
+                console.print(f"  {s['stage']}: {items}")
         console.print("complete" if st["complete"] else "incomplete: run the pipeline again")
     raise typer.Exit(0 if st["complete"] else 1)
 
