@@ -25,6 +25,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -183,74 +184,58 @@ class _Row:
     line: int  # 1-based line, or row number for columnar sources
 
 
-def _jsonl_rows(path: Path, sink: _Sink, table: str) -> list[_Row]:
-    rows = []
+def _lines(path: Path, sink: _Sink, table: str) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) of a text file's non-blank lines, decoded strictly: a line
+    that is not UTF-8 is a finding, not a crash and not a silent replacement character."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                sink.find(
-                    "invalid_utf8",
-                    table,
-                    None,
-                    str(path),
-                    lineno,
-                    f"byte {exc.start}: {exc.reason}",
-                )
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                sink.find("malformed_row", table, None, str(path), lineno, f"not JSON: {exc.msg}")
-                continue
-            if not isinstance(obj, dict):
-                sink.find("malformed_row", table, None, str(path), lineno, "not a JSON object")
-                continue
-            rows.append(_Row(obj, str(path), lineno))
+                detail = f"byte {exc.start}: {exc.reason}"
+                sink.find("invalid_utf8", table, None, str(path), lineno, detail)
+
+
+def _jsonl_rows(path: Path, sink: _Sink, table: str) -> list[_Row]:
+    rows = []
+    for lineno, text in _lines(path, sink, table):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            sink.find("malformed_row", table, None, str(path), lineno, f"not JSON: {exc.msg}")
+            continue
+        if not isinstance(obj, dict):
+            sink.find("malformed_row", table, None, str(path), lineno, "not a JSON object")
+            continue
+        rows.append(_Row(obj, str(path), lineno))
     return rows
 
 
 def _tsv_rows(path: Path, sink: _Sink, table: str, cols: Columns) -> list[_Row]:
     rows = []
     header: list[str] | None = None
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+    for lineno, text in _lines(path, sink, table):
+        parts = text.split("\t")
+        if header is None:
+            if cols.qrels_query_id in parts or "query-id" in parts or "query_id" in parts:
+                header = parts
                 continue
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                sink.find(
-                    "invalid_utf8",
-                    table,
-                    None,
-                    str(path),
-                    lineno,
-                    f"byte {exc.start}: {exc.reason}",
-                )
-                continue
-            parts = text.split("\t")
-            if header is None:
-                if cols.qrels_query_id in parts or "query-id" in parts or "query_id" in parts:
-                    header = parts
-                    continue
-                header = [cols.qrels_query_id, cols.qrels_doc_id, cols.qrels_score]
-                if len(parts) == 4:  # TREC qrels: qid iteration docid rel
-                    header = [cols.qrels_query_id, "iteration", cols.qrels_doc_id, cols.qrels_score]
-            if len(parts) != len(header):
-                sink.find(
-                    "malformed_row",
-                    table,
-                    None,
-                    str(path),
-                    lineno,
-                    f"expected {len(header)} tab-separated fields, got {len(parts)}",
-                )
-                continue
-            rows.append(_Row(dict(zip(header, parts, strict=False)), str(path), lineno))
+            header = [cols.qrels_query_id, cols.qrels_doc_id, cols.qrels_score]
+            if len(parts) == 4:  # TREC qrels: qid iteration docid rel
+                header = [cols.qrels_query_id, "iteration", cols.qrels_doc_id, cols.qrels_score]
+        if len(parts) != len(header):
+            sink.find(
+                "malformed_row",
+                table,
+                None,
+                str(path),
+                lineno,
+                f"expected {len(header)} tab-separated fields, got {len(parts)}",
+            )
+            continue
+        rows.append(_Row(dict(zip(header, parts, strict=False)), str(path), lineno))
     return rows
 
 
