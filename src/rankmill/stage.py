@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +32,19 @@ from rankmill.config import EndpointConfig, StageParams
 from rankmill.manifest import Counters, RunDir
 from rankmill.schemas import REJECTS
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # a source checkout's prompts/
+
+
+def prompt_dirs() -> list[Path]:
+    """Where prompt templates are looked up, first match wins: $RANKMILL_PROMPTS_DIR (your
+    own templates), the checkout's prompts/, and the copy a wheel install puts under
+    <prefix>/share/rankmill/prompts."""
+    dirs = []
+    if os.environ.get("RANKMILL_PROMPTS_DIR"):
+        dirs.append(Path(os.environ["RANKMILL_PROMPTS_DIR"]).expanduser())
+    dirs.append(PROMPTS_DIR)
+    dirs.append(Path(sys.prefix) / "share" / "rankmill" / "prompts")
+    return dirs
 
 
 @dataclass
@@ -144,12 +158,17 @@ class Stage:
 
 
 def load_prompt(name: str) -> str:
-    path = PROMPTS_DIR / f"{name}.j2"
-    if not path.is_file():
-        from rankmill.errors import StageError
+    """The text of prompt template ``<name>.j2`` (see :func:`prompt_dirs`)."""
+    for d in prompt_dirs():
+        path = d / f"{name}.j2"
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    from rankmill.errors import StageError
 
-        raise StageError(f"prompt template {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    raise StageError(
+        f"prompt template {name}.j2 not found in {', '.join(str(d) for d in prompt_dirs())}; "
+        "set RANKMILL_PROMPTS_DIR to the folder that holds it"
+    )
 
 
 def content_key(*parts: Any) -> str:
