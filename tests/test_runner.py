@@ -162,3 +162,18 @@ def test_fingerprints_are_stable_and_param_sensitive(tmp_path):
     assert a == b
     c = Runner(validate_pipeline(toy(tmp_path, n_units=5)), str(tmp_path / "r")).fingerprints()
     assert c["count"] != a["count"] and c["double"] != a["double"]
+
+
+def test_placement_and_cache_params_do_not_change_fingerprints(tmp_path, repo):
+    def fps(**mine):
+        raw = {
+            "stages": {
+                "ingest": {"source": str(repo / "data" / "sample")},
+                "mine": {"num_negatives": 4, **mine},
+            }
+        }
+        return Runner(validate_pipeline(raw), str(tmp_path / "r")).fingerprints()
+
+    base = fps()
+    assert fps(cache_dir=str(tmp_path / "cache"), workers=3, worker_cpus=0.5) == base
+    assert fps(num_negatives=5)["mine"] != base["mine"]

@@ -21,7 +21,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -117,6 +117,12 @@ class EndpointConfig(Model):
 
 class StageParams(Model):
     """Params every stage has; a stage's own Params model subclasses this."""
+
+    # Params that change where or how fast a stage runs, never what it writes: they stay out
+    # of the fingerprint, so changing them re-runs nothing. Subclasses may add their own.
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "worker_cpus", "worker_gpus"}
+    )
 
     uses: str | None = Field(
         None, description="Stage type, when it differs from the stage's name in the pipeline."

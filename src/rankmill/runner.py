@@ -252,8 +252,8 @@ class Runner:
             cls = stage_class(self.cfg.stage_type(name))
             stage = cls(params, self._context(name, wiring[name]))
             upstream = {t: fps[ref.split(".", 1)[0]] + ":" + ref for t, ref in wiring[name].items()}
-            # Wiring and worker placement do not change outputs.
-            p = params.model_dump(mode="json", exclude={"workers", "worker_cpus", "worker_gpus"})
+            # Worker placement and the like do not change outputs (wiring is in `upstream`).
+            p = params.model_dump(mode="json", exclude=set(params.not_fingerprinted))
             fps[name] = fingerprint(
                 cls.name or name,
                 cls.version,

@@ -65,6 +65,9 @@ def _gpu_present() -> bool:
 class MineParams(StageParams, MiningParams):
     """Params of the ``mine`` stage: mining settings plus how queries become work units."""
 
+    # Where embeddings are cached changes no output.
+    not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {"cache_dir"}
+
     queries_per_unit: int = Field(
         256, ge=1, description="Queries per work unit (the unit of commit and resume)."
     )
