@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent(
     from rankmill.runner import Runner
 
     raw = json.loads(sys.argv[1])
+    # Both nodes on loopback (conftest sets Ray's single-machine switch for the tests).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent(
         runner._ray()  # connect now, to count the nodes the stages run on
         nodes = [n for n in ray.nodes() if n["Alive"]]
         print("NODES", len(nodes))
+        print("ADDRESSES", sorted({n["NodeManagerAddress"] for n in nodes}))
         runner.run()
         print("DONE")
     finally:
@@ -81,6 +83,7 @@ def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NODES 2" in proc.stdout and "DONE" in proc.stdout
+    assert "ADDRESSES ['127.0.0.1']" in proc.stdout
     pids = {line.split()[2] for line in log.read_text().splitlines()}
     assert len(pids) >= 2, "units should have run in more than one worker process"
     a, b = RunDir(str(local_dir)), RunDir(str(cluster_dir))

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 Event = Callable[..., None]
 
+# Ray's switch for clusters of several machines; off, every node takes 127.0.0.1.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 # -- unit (de)serialization ---------------------------------------------------------------------
 def _table_to_bytes(table: pa.Table) -> bytes:
@@ -425,6 +428,10 @@ class Runner:
     def _ray(self) -> Any:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        if not self.ray_address:
+            # A private Ray binds to loopback, not the machine's address: nothing of it is
+            # reachable from the network. Read when ray is first imported.
+            os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
         import ray
 
         if not ray.is_initialized():
