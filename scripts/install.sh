@@ -10,7 +10,9 @@ PY="${PYTHON:-python3}"
 extras="local"
 if [[ "${1:-}" == "--dev" ]]; then extras="local,dev"; fi
 
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+pip_install() {
+    "$PY" -m pip install --disable-pip-version-check --root-user-action=ignore -q "$@"
+}
 
 # The CPU build of torch first, so that nothing below pulls a multi-GB CUDA build.
 if ! "$PY" -c "import torch" 2>/dev/null; then

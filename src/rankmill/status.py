@@ -11,7 +11,6 @@ from typing import Any
 from rankmill.errors import ManifestError
 from rankmill.manifest import Counters, RunDir
 
-
 _MODEL_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
 
 
