@@ -117,8 +117,21 @@ def execute_unit(stage: Stage, rd: RunDir, unit: WorkUnit, unit_fp: str) -> Coun
 class UnitWorker:
     """A Ray Data actor: builds its stage once, then processes and commits units."""
 
-    def __init__(self, stage_type: str, params_json: str, ctx_json: str):
-        logging.basicConfig(level=logging.INFO)
+    def __init__(
+        self, stage_type: str, params_json: str, ctx_json: str, log_level: int = logging.WARNING
+    ):
+        # Workers log at the driver's level (Ray forwards their output to the driver).
+        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+        # Some libraries set their own loggers to DEBUG on import; the handlers filter too.
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(log_level)
+        logging.getLogger("rankmill").setLevel(log_level)
+        quiet = log_level > logging.INFO
+        if quiet:
+            # Model-loading progress bars, once per actor; read when the libraries load.
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("TQDM_DISABLE", "1")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         cls = stage_class(stage_type)
         params = cls.Params.model_validate_json(params_json)
         ctx = StageContext.from_json(ctx_json)
@@ -392,6 +405,7 @@ class Runner:
                 "stage_type": ctx.stage_type,
                 "params_json": params.model_dump_json(),
                 "ctx_json": ctx.to_json(),
+                "log_level": logging.getLogger("rankmill").getEffectiveLevel(),
             },
             batch_size=1,
             batch_format="pyarrow",
