@@ -91,7 +91,11 @@ class EndpointConfig(Model):
         default_factory=dict,
         description="Default sampling params (temperature, top_p, max_tokens, ...).",
     )
-    max_concurrency: int = Field(8, ge=1, description="Requests in flight to this endpoint.")
+    max_concurrency: int = Field(
+        8,
+        ge=1,
+        description="Requests in flight to this endpoint (split over a stage's workers).",
+    )
     requests_per_minute: float | None = Field(
         None, gt=0, description="Run-wide request rate limit (all workers together)."
     )

@@ -259,6 +259,7 @@ class Runner:
             input_refs=refs,
             shared=dict(self._shared),
             budget=self.cfg.run.budget.model_dump(mode="json"),
+            workers=self.cfg.stages[name].workers,
         )
 
     def fingerprints(self) -> dict[str, str]:

@@ -77,6 +77,7 @@ class StageContext:
     input_refs: dict[str, str] = field(default_factory=dict)  # table -> "stage.table"
     shared: dict[str, Any] = field(default_factory=dict)  # run-wide services (limiter names...)
     budget: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # actors running this stage at once (they share endpoint concurrency)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

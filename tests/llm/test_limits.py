@@ -180,3 +180,23 @@ def test_runner_budget_stop_and_resume(ray_session, server, tmp_path):
     plan, recs = rd.stage_status("calls")
     assert sum(r.counters.llm_calls + r.counters.llm_cached for r in recs) == 40
     assert any(k.startswith("calls:") for r in recs for k in r.counters.extra)
+
+
+def test_endpoint_concurrency_is_shared_by_a_stages_workers(tmp_path):
+    from rankmill.llm import Gateway
+    from rankmill.stage import StageContext
+
+    ep = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "max_concurrency": 8}
+    for workers, share in [(1, 8), (3, 3), (16, 1)]:
+        ctx = StageContext(
+            run_dir=str(tmp_path),
+            stage_name="label",
+            stage_type="label",
+            endpoints={"e": ep},
+            workers=workers,
+        )
+        gw = Gateway.from_context(ctx, "e")
+        try:
+            assert gw.endpoint.max_concurrency == share
+        finally:
+            gw.close()

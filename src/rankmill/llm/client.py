@@ -419,6 +419,11 @@ class Gateway:
     def from_context(cls, ctx: Any, endpoint_name: str, **kwargs: Any) -> Gateway:
         """Build the gateway of ``ctx.endpoints[endpoint_name]`` for a stage (StageContext)."""
         ep = ctx.endpoint(endpoint_name)
+        workers = max(1, int(getattr(ctx, "workers", 1) or 1))
+        if workers > 1:
+            # max_concurrency is the endpoint's: the stage's actors share it evenly.
+            share = max(1, -(-ep.max_concurrency // workers))
+            ep = ep.model_copy(update={"max_concurrency": share})
         return cls(
             ep,
             run_dir=ctx.run_dir,
