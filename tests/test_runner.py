@@ -95,6 +95,12 @@ def test_resume_after_failing_unit_recomputes_only_that_unit(tmp_path, ray_sessi
     # A finished run re-run computes nothing and does not even start Ray work.
     result = Runner(cfg, str(run_dir)).run()
     assert result.units_run == 0 and processed(tmp_path) == []
+    shown = CliRunner().invoke(
+        app, ["show", str(run_dir), "double.rejects", "--out", str(tmp_path / "r.jsonl")]
+    )
+    assert shown.exit_code == 0 and "double.rejects: 9 rows" in shown.output
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 9
+    assert CliRunner().invoke(app, ["show", str(run_dir), "double.nope"]).exit_code == 2
     st = run_status(str(run_dir))
     assert st["complete"] and st["stages"][1]["rejects"] == {"odd_value": 9}
     assert st["stages"][0]["rows_out"] == 20

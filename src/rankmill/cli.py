@@ -239,6 +239,64 @@ def validate(
     raise typer.Exit(1 if fatal else 0)
 
 
+@app.command()
+def show(
+    run_dir: str = typer.Argument(..., help="A run directory."),
+    table: str = typer.Argument(..., help="STAGE.TABLE, e.g. mine.negatives or label.rejects."),
+    limit: int = typer.Option(10, help="Rows to print (0: none)."),
+    out: Path | None = typer.Option(
+        None, help="Also write the whole table to this .parquet, .jsonl or .csv file."
+    ),
+) -> None:
+    """Print (or write out) a committed table of a run."""
+    from rankmill.manifest import RunDir
+
+    stage, _, name = table.partition(".")
+    if not name:
+        err_console.print("[red]error:[/red] give the table as STAGE.TABLE, e.g. mine.negatives")
+        raise typer.Exit(2)
+    try:
+        data = RunDir(run_dir).read_table(stage, name)
+    except RankmillError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"{table}: {data.num_rows:,} rows; columns: {', '.join(data.column_names)}")
+    if limit > 0 and data.num_rows:
+        view = Table(show_lines=False)
+        for col in data.column_names:
+            view.add_column(col, overflow="fold")
+        for row in data.slice(0, limit).to_pylist():
+            view.add_row(*[_cell(row[c]) for c in data.column_names])
+        console.print(view)
+    if out is not None:
+        _write_table(data, out)
+        console.print(f"wrote {data.num_rows:,} rows to {out}")
+
+
+def _cell(value: Any, width: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _write_table(data: Any, out: Path) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix == ".parquet":
+        pq.write_table(data, out)
+    elif suffix == ".jsonl":
+        with out.open("w", encoding="utf-8") as f:
+            for row in data.to_pylist():
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    elif suffix == ".csv":
+        pacsv.write_csv(data, out)
+    else:
+        err_console.print(f"[red]error:[/red] {out}: use .parquet, .jsonl or .csv")
+        raise typer.Exit(2)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
