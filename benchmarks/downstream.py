@@ -148,7 +148,7 @@ def evaluate(
 
 
 def graded_qrels(name: str) -> dict[str, dict[str, int]]:
-    from judged import DATA
+    from _judged import DATA
 
     out: dict[str, dict[str, int]] = {}
     for i, line in enumerate((DATA / name / "qrels" / "test.tsv").open(encoding="utf-8")):
@@ -179,7 +179,7 @@ def main() -> None:
     args.collections = args.collections or ["cranfield", "cisi"]
 
     import torch
-    from judged import DATA, load, one_positive
+    from _judged import DATA, load, one_positive
     from sentence_transformers import SentenceTransformer
 
     from rankmill.retrieval.dense import resolve_model

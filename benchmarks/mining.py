@@ -75,8 +75,8 @@ def score(coll, negatives: dict[str, list[str]]) -> dict[str, float]:
 
 # -- workers (each in its own process) ----------------------------------------------------------
 def worker_st(args: argparse.Namespace) -> dict:
+    from _judged import load, one_positive
     from datasets import Dataset
-    from judged import load, one_positive
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
@@ -132,7 +132,7 @@ def worker_st(args: argparse.Namespace) -> dict:
 
 def worker_rankmill(args: argparse.Namespace) -> dict:
     import numpy as np
-    from judged import load, one_positive
+    from _judged import load, one_positive
 
     from rankmill.retrieval.miner import MineQuery, Miner, MiningParams
 
@@ -244,7 +244,7 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
 
-    from judged import DATA
+    from _judged import DATA
 
     if not DATA.is_dir():
         sys.exit(f"{DATA} is not there: this benchmark needs ../shared/data (see its README)")

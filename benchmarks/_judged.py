@@ -1,15 +1,17 @@
-"""Reading the BEIR-layout judged collections in ../shared/data for benchmarks (not shipped
-data: a user's checkout has no ../shared, and the scripts then say so and stop)."""
+"""Shared by the benchmarks (a module, not a benchmark): the BEIR-layout judged collections
+in ../shared/data as plain Python structures (not shipped data: a user's checkout has no
+../shared, and the scripts then say so and stop)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from rankmill.stages.ingest import CHECKS, IngestParams, Policies, read_collection
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -26,31 +28,34 @@ class Collection:
 
 
 def load(name: str, data: Path = DATA) -> Collection:
+    """Read a collection through rankmill's own ingest, keeping every row as it is (both
+    miners must see the same corpus, empty documents included)."""
     d = data / name
     if not d.is_dir():
         sys.exit(f"{d} is not there: these benchmarks need ../shared/data/{name} (see its README)")
-    docs = [json.loads(line) for line in (d / "corpus.jsonl").open(encoding="utf-8")]
-    queries = {}
-    for line in (d / "queries.jsonl").open(encoding="utf-8"):
-        q = json.loads(line)
-        queries[str(q["_id"])] = q["text"]
+    keep_all = Policies(**{k: "keep" for k in CHECKS})
+    c = read_collection(IngestParams(source=str(d), policies=keep_all))
     relevant: dict[str, set[str]] = defaultdict(set)
     excluded: dict[str, set[str]] = defaultdict(set)
-    for tsv in sorted((d / "qrels").glob("*.tsv")):
-        for i, line in enumerate(tsv.open(encoding="utf-8")):
-            if i == 0 or not line.strip():
-                continue
-            q, doc, score = line.rstrip("\n").split("\t")
-            if tsv.name == "source_docs.tsv" or int(score) < 0:
-                excluded[q].add(doc)
-            elif int(score) > 0:
-                relevant[q].add(doc)
+    for r in c.qrels.to_pylist():
+        if r["score"] > 0:
+            relevant[r["query_id"]].add(r["doc_id"])
+        elif r["score"] < 0:
+            excluded[r["query_id"]].add(r["doc_id"])
+    for r in c.exclusions.to_pylist():
+        excluded[r["query_id"]].add(r["doc_id"])
     return Collection(
         name,
-        [str(x["_id"]) for x in docs],
-        [x.get("title") or None for x in docs],
-        [x.get("text") or "" for x in docs],
-        queries,
+        c.corpus.column("doc_id").to_pylist(),
+        [t or None for t in c.corpus.column("title").to_pylist()],
+        c.corpus.column("text").to_pylist(),
+        dict(
+            zip(
+                c.queries.column("query_id").to_pylist(),
+                c.queries.column("text").to_pylist(),
+                strict=True,
+            )
+        ),
         dict(relevant),
         dict(excluded),
     )
