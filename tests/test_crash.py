@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rankmill.manifest import RunDir
+from tests.fixtures.cli import finish, spawn
 
 PIPELINE = """
 run: {{name: crash}}
@@ -22,19 +22,6 @@ stages:
   double: {{uses: "tests.fixtures.stages:DoubleStage", rows_per_unit: 4, sleep_s: 0.6,
            log_path: "{log}"}}
 """
-
-
-def cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(cwd))
-    return subprocess.Popen(
-        [sys.executable, "-m", "rankmill.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kw,
-    )
 
 
 def committed(run_dir: Path, stage: str) -> int:
@@ -62,13 +49,6 @@ def kill_when(proc: subprocess.Popen, run_dir: Path, stage: str, n: int, timeout
     pytest.fail(f"timed out waiting for {n} committed units of {stage}")
 
 
-def finish(args: list[str], cwd: Path) -> str:
-    p = cli(args, cwd)
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out.decode()
-    return out.decode()
-
-
 def table(run_dir: Path, stage: str, name: str) -> pa.Table:
     return RunDir(str(run_dir)).read_table(stage, name)
 
@@ -87,7 +67,7 @@ def test_sigkill_at_several_points_then_resume(tmp_path, repo):
     run_dir = tmp_path / "run"
     # Kill points: early in the first stage, late in it, and inside the second stage.
     for stage, n in [("count", 1), ("count", 4), ("double", 2)]:
-        kill_when(cli(["run", str(pipe), "--run-dir", str(run_dir)], repo), run_dir, stage, n)
+        kill_when(spawn(["run", str(pipe), "--run-dir", str(run_dir)], repo), run_dir, stage, n)
     # A crash also leaves orphans: a torn data file and a temporary record no record names.
     data_dir = run_dir / "stages" / "double" / "data" / "doubled"
     data_dir.mkdir(parents=True, exist_ok=True)

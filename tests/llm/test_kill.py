@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from rankmill.manifest import RunDir
+from tests.fixtures.cli import finish, spawn
 from tests.fixtures.openai_server import spawn_server
 
 N_ROWS = 500
@@ -29,18 +27,6 @@ stages:
 """
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(cwd))
-    return subprocess.Popen(
-        [sys.executable, "-m", "rankmill.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the kill takes its Ray workers too
-    )
-
-
 def _completed(srv) -> int:
     return sum(srv.stats()["completed"].values())
 
@@ -53,7 +39,7 @@ def test_sigkill_mid_stage_repeats_only_in_flight_requests(tmp_path, repo):
         run_dir = tmp_path / "run"
         args = ["run", str(pipeline), "--run-dir", str(run_dir)]
 
-        proc = _cli(args, repo)
+        proc = spawn(args, repo)  # its own process group: the kill takes its Ray workers too
         t0 = time.time()
         while _completed(srv) < 150:
             if proc.poll() is not None:
@@ -71,9 +57,7 @@ def test_sigkill_mid_stage_repeats_only_in_flight_requests(tmp_path, repo):
         time.sleep(1.0)
         assert _completed(srv) == at_kill, "something still calls the server after the kill"
 
-        p = _cli(args, repo)
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out.decode()
+        finish(args, repo, timeout=600)
 
         rd = RunDir(str(run_dir))
         answers = rd.read_table("calls", "answers").to_pylist()
