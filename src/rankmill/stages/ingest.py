@@ -300,6 +300,12 @@ class _Sink:
             )
         return action
 
+    def at(
+        self, row: _Row, kind: str, table: str, row_id: str | None, detail: str, **kw: Any
+    ) -> str:
+        """:meth:`find` for a finding on ``row``, located at its file and line."""
+        return self.find(kind, table, row_id, row.file, row.line, detail, **kw)
+
     def raise_errors(self) -> None:
         errors = [f for f in self.findings if f.action == "error"]
         if not errors:
@@ -469,17 +475,16 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         did = _str_id(r.data.get(cols.doc_id))
         if did is None or cols.text not in r.data:
             missing = cols.doc_id if did is None else cols.text
-            sink.find("malformed_row", "corpus", None, r.file, r.line, f"missing {missing!r}")
+            sink.at(r, "malformed_row", "corpus", None, f"missing {missing!r}")
             continue
         text = _text(r.data.get(cols.text))
         title = _text(r.data.get(cols.title)) if cols.title else ""
         if did in seen_docs:
-            act = sink.find(
+            act = sink.at(
+                r,
                 "duplicate_id",
                 "corpus",
                 did,
-                r.file,
-                r.line,
                 f"doc id {did!r} first seen on line {seen_docs[did]}",
                 doc_id=did,
             )
@@ -489,23 +494,21 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         norm = " ".join((title + " " + text).split()).lower()
         if norm in seen_text and seen_text[norm] != did:
             first = seen_text[norm]
-            act = sink.find(
+            act = sink.at(
+                r,
                 "duplicate_text",
                 "corpus",
                 did,
-                r.file,
-                r.line,
                 f"same title and text as doc {first!r}" + ("" if norm else " (both empty)"),
                 doc_id=did,
             )
             rejected = act == "reject"
         if not text.strip():
-            act = sink.find(
+            act = sink.at(
+                r,
                 "empty_text",
                 "corpus",
                 did,
-                r.file,
-                r.line,
                 "empty document text" + (f" (title: {title[:60]!r})" if title.strip() else ""),
                 doc_id=did,
                 add_reject=not rejected,
@@ -531,25 +534,22 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         qid = _str_id(r.data.get(cols.query_id))
         if qid is None or cols.query_text not in r.data:
             missing = cols.query_id if qid is None else cols.query_text
-            sink.find("malformed_row", "queries", None, r.file, r.line, f"missing {missing!r}")
+            sink.at(r, "malformed_row", "queries", None, f"missing {missing!r}")
             continue
         text = _text(r.data.get(cols.query_text))
         if qid in seen_q:
-            act = sink.find(
+            act = sink.at(
+                r,
                 "duplicate_id",
                 "queries",
                 qid,
-                r.file,
-                r.line,
                 f"query id {qid!r} first seen on line {seen_q[qid]}",
                 query_id=qid,
             )
             if act == "reject":
                 continue
         if not text.strip():
-            act = sink.find(
-                "empty_text", "queries", qid, r.file, r.line, "empty query text", query_id=qid
-            )
+            act = sink.at(r, "empty_text", "queries", qid, "empty query text", query_id=qid)
             if act == "reject":
                 rejected_q.add(qid)
                 seen_q.setdefault(qid, r.line)
@@ -557,12 +557,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
         if qid in kept_docs:
             collisions.append(qid)
             if sink.policy("id_collision") != "keep":
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "id_collision",
                     "queries",
                     qid,
-                    r.file,
-                    r.line,
                     f"query id {qid!r} is also a document id",
                     query_id=qid,
                 )
@@ -593,9 +592,7 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
             qid = _str_id(r.data.get(cols.qrels_query_id))
             did = _str_id(r.data.get(cols.qrels_doc_id))
             if qid is None or did is None:
-                sink.find(
-                    "malformed_row", table, None, r.file, r.line, "missing query or document id"
-                )
+                sink.at(r, "malformed_row", table, None, "missing query or document id")
                 continue
             row_id = f"{qid}:{did}"
             raw_score = r.data.get(cols.qrels_score, 1 if table == "exclusions" else None)
@@ -605,12 +602,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
             except (TypeError, ValueError):
                 ok, score_f = False, float("nan")
             if not ok:
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "bad_score",
                     table,
                     row_id,
-                    r.file,
-                    r.line,
                     f"score {raw_score!r} is not a non-negative integer",
                     query_id=qid,
                     doc_id=did,
@@ -620,12 +616,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
                 score_f = 0.0 if math.isnan(score_f) else score_f
             if qid in rejected_q or did in rejected_docs:
                 what = f"query {qid!r}" if qid in rejected_q else f"document {did!r}"
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "rejected_ref",
                     table,
                     row_id,
-                    r.file,
-                    r.line,
                     f"{what} was rejected",
                     query_id=qid,
                     doc_id=did,
@@ -633,12 +628,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
                 if act == "reject":
                     continue
             elif qid not in kept_q and query_rows:
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "unknown_query",
                     table,
                     row_id,
-                    r.file,
-                    r.line,
                     f"query id {qid!r} is not in the queries",
                     query_id=qid,
                     doc_id=did,
@@ -646,12 +640,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
                 if act == "reject":
                     continue
             elif did not in kept_docs:
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "unknown_doc",
                     table,
                     row_id,
-                    r.file,
-                    r.line,
                     f"document id {did!r} is not in the corpus",
                     query_id=qid,
                     doc_id=did,
@@ -660,12 +653,11 @@ def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collect
                     continue
             key = (qid, did)
             if key in seen:
-                act = sink.find(
+                act = sink.at(
+                    r,
                     "duplicate_qrel",
                     table,
                     row_id,
-                    r.file,
-                    r.line,
                     f"({qid}, {did}) first judged on line {seen[key]}",
                     query_id=qid,
                     doc_id=did,
