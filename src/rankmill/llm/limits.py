@@ -228,38 +228,13 @@ def _budget_message(why: str) -> str:
     )
 
 
-class _LedgerActor:
-    """The body of the Ray actor: a RunLedger with the actor's own clock."""
+class _LedgerActor(RunLedger):
+    """The body of the Ray actor: a RunLedger that reads the actor's own clock."""
 
-    def __init__(self) -> None:
-        self.ledger = RunLedger()
-
-    def configure(
-        self,
-        budget: dict[str, Any] | None,
-        limits: dict[str, dict[str, Any]],
-        spent_cost_usd: float,
-        spent_requests: int,
-    ) -> bool:
-        self.ledger.configure(budget, limits, spent_cost_usd, spent_requests)
-        return True
-
-    def reserve(self, endpoint: str, tokens: int, cost_usd: float) -> tuple[float, str]:
-        return self.ledger.reserve(endpoint, tokens, cost_usd, time.monotonic())
-
-    def settle(
-        self,
-        endpoint: str,
-        est_tokens: int,
-        tokens: int,
-        est_cost: float,
-        cost_usd: float,
-        sent: bool,
-    ) -> None:
-        self.ledger.settle(endpoint, est_tokens, tokens, est_cost, cost_usd, sent)
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.ledger.snapshot()
+    def reserve(  # type: ignore[override]
+        self, endpoint: str, tokens: int, cost_usd: float
+    ) -> tuple[float, str]:
+        return super().reserve(endpoint, tokens, cost_usd, time.monotonic())
 
 
 # -- building them ---------------------------------------------------------------------------
