@@ -31,6 +31,12 @@ console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
+def _error(exc: Exception, code: int) -> typer.Exit:
+    """Print a rankmill error for the user; the exit to raise with its code."""
+    err_console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -62,8 +68,7 @@ def run(
     try:
         cfg = load_pipeline(pipeline, set_)
     except RankmillError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _error(exc, 2) from exc
 
     with Progress(
         TextColumn("{task.description:<12}"),
@@ -101,8 +106,7 @@ def run(
             err_console.print(f"[yellow]stopped:[/yellow] {exc}")
             raise typer.Exit(3) from exc
         except RankmillError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+            raise _error(exc, 1) from exc
     console.print(
         f"done: {result.units_run} unit(s) run, "
         f"{sum(s.units_skipped for s in result.stages)} skipped. "
@@ -125,8 +129,7 @@ def status(
     try:
         st = run_status(run_dir)
     except RankmillError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _error(exc, 2) from exc
     if as_json:
         console.print_json(json.dumps(st))
     else:
@@ -209,8 +212,7 @@ def validate(
         )
         coll = read_collection(params, lambda p: str(Path(p).expanduser().resolve()))
     except RankmillError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _error(exc, 2) from exc
     console.print(
         f"read {coll.corpus.num_rows:,} documents, {coll.queries.num_rows:,} queries, "
         f"{coll.qrels.num_rows:,} judgments, {coll.exclusions.num_rows:,} exclusions "
@@ -258,8 +260,7 @@ def show(
     try:
         data = RunDir(run_dir).read_table(stage, name)
     except RankmillError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _error(exc, 2) from exc
     console.print(f"{table}: {data.num_rows:,} rows; columns: {', '.join(data.column_names)}")
     if limit > 0 and data.num_rows:
         view = Table(show_lines=False)
