@@ -183,3 +183,16 @@ def test_placement_and_cache_params_do_not_change_fingerprints(tmp_path, repo):
     base = fps()
     assert fps(cache_dir=str(tmp_path / "cache"), workers=3, worker_cpus=0.5) == base
     assert fps(num_negatives=5)["mine"] != base["mine"]
+
+
+def test_changed_input_files_change_the_ingest_fingerprint(tmp_path, repo):
+    import shutil
+
+    src = tmp_path / "data"
+    shutil.copytree(repo / "data" / "sample", src)
+    raw = {"stages": {"ingest": {"source": str(src)}, "mine": {"num_negatives": 2}}}
+    before = Runner(validate_pipeline(raw), str(tmp_path / "r")).fingerprints()
+    with (src / "queries.jsonl").open("a") as f:
+        f.write('{"_id": "qx", "text": "one more question"}\n')
+    after = Runner(validate_pipeline(raw), str(tmp_path / "r")).fingerprints()
+    assert after["ingest"] != before["ingest"] and after["mine"] != before["mine"]

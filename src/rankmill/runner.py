@@ -262,8 +262,8 @@ class Runner:
             workers=self.cfg.stages[name].workers,
         )
 
-    def fingerprints(self) -> dict[str, str]:
-        wiring = self.wiring()
+    def fingerprints(self, wiring: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+        wiring = wiring or self.wiring()
         fps: dict[str, str] = {}
         for name, params in self.cfg.stages.items():
             cls = stage_class(self.cfg.stage_type(name))
@@ -288,7 +288,7 @@ class Runner:
             if val is not None and val not in names:
                 raise StageError(f"{opt} {val}: no such stage (stages: {', '.join(names)})")
         wiring = self.wiring()
-        fps = self.fingerprints()
+        fps = self.fingerprints(wiring)
         if only is not None:
             todo = [only]
             for ref in wiring[only].values():

@@ -38,7 +38,7 @@ from rankmill.config import Model, StageParams
 from rankmill.errors import ConfigError, IngestError
 from rankmill.manifest import Counters
 from rankmill.schemas import CORPUS, EXCLUSIONS, QRELS, QUERIES
-from rankmill.stage import Stage, UnitOutput, WorkUnit, content_key, rejects_table
+from rankmill.stage import Stage, UnitOutput, WorkUnit, rejects_table
 
 log = logging.getLogger(__name__)
 
@@ -740,7 +740,8 @@ class IngestStage(Stage):
         return {"files": sorted(hashes.values())}
 
     def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
-        return [WorkUnit("00000", content_key(self.fingerprint_extra()))]
+        # One unit; the file hashes are already in the stage fingerprint (no second pass).
+        return [WorkUnit("00000", "collection")]
 
     def process(self, unit: WorkUnit) -> UnitOutput:
         coll = read_collection(self.params, self.ctx.resolve_path)
