@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray.cluster_utils import Cluster
-    from rankmill.config import validate_pipeline
+    from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
 
     raw = json.loads(sys.argv[1])
@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(
 def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     import json
 
-    from rankmill.config import validate_pipeline
+    from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
 
     log = tmp_path / "log.txt"
@@ -71,7 +71,8 @@ def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     log.unlink()
 
     cluster_dir = tmp_path / "cluster"
-    env = dict(os.environ, PYTHONPATH=str(repo))
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(raw), str(cluster_dir)],

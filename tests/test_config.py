@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from rankmill.config import load_pipeline, parse_override, validate_pipeline
+from rankmill.config import parse_override
 from rankmill.errors import ConfigError
+from rankmill.pipeline import load_pipeline, validate_pipeline
 
 TOY = {
     "run": {"name": "toy"},

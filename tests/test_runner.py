@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rankmill.cli import app
-from rankmill.config import validate_pipeline
 from rankmill.errors import StageError, UnitFailed
 from rankmill.manifest import RunDir
+from rankmill.pipeline import validate_pipeline
 from rankmill.runner import Runner
 from rankmill.status import run_status
 
@@ -167,7 +167,9 @@ def test_fingerprints_are_stable_and_param_sensitive(tmp_path):
     b = Runner(validate_pipeline(toy(tmp_path)), str(tmp_path / "r")).fingerprints()
     assert a == b
     c = Runner(validate_pipeline(toy(tmp_path, n_units=5)), str(tmp_path / "r")).fingerprints()
-    assert c["count"] != a["count"] and c["double"] != a["double"]
+    # Config fingerprints: a later stage's own config did not change; its full fingerprint
+    # changes with the content its upstream commits (see the resume tests).
+    assert c["count"] != a["count"] and c["double"] == a["double"]
 
 
 def test_placement_and_cache_params_do_not_change_fingerprints(tmp_path, repo):
@@ -195,4 +197,4 @@ def test_changed_input_files_change_the_ingest_fingerprint(tmp_path, repo):
     with (src / "queries.jsonl").open("a") as f:
         f.write('{"_id": "qx", "text": "one more question"}\n')
     after = Runner(validate_pipeline(raw), str(tmp_path / "r")).fingerprints()
-    assert after["ingest"] != before["ingest"] and after["mine"] != before["mine"]
+    assert after["ingest"] != before["ingest"] and after["mine"] == before["mine"]

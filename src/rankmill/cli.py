@@ -1,7 +1,7 @@
 """The ``rankmill`` command line: parse, call, print.
 
 rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
-rankmill status DIR
+rankmill status DIR [--verify] [--strict]
 rankmill validate DATA [--format beir|jsonl|parquet|hf]
 """
 
@@ -10,16 +10,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rankmill.errors import BudgetExceeded, RankmillError
+from rankmill.errors import (
+    BudgetExceeded,
+    ConfigError,
+    CorruptData,
+    DataError,
+    ManifestError,
+    RankmillError,
+    RunDirLocked,
+)
+from rankmill.status import (
+    EXIT_BUDGET,
+    EXIT_CORRUPT,
+    EXIT_FLAGGED,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_USAGE,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -33,8 +52,31 @@ err_console = Console(stderr=True)
 
 def _error(exc: Exception, code: int) -> typer.Exit:
     """Print a rankmill error for the user; the exit to raise with its code."""
-    err_console.print(f"[red]error:[/red] {exc}")
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}")
     return typer.Exit(code)
+
+
+def _exit_code(exc: RankmillError) -> int:
+    """The documented exit code of an error (see rankmill.status)."""
+    if isinstance(exc, BudgetExceeded):
+        return EXIT_BUDGET
+    if isinstance(exc, RunDirLocked):
+        return EXIT_LOCKED
+    if isinstance(exc, (CorruptData, ManifestError)):
+        return EXIT_CORRUPT
+    if isinstance(exc, (ConfigError, DataError)):
+        return EXIT_USAGE
+    return EXIT_INCOMPLETE
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a job scheduler's stop, `kill`) unwinds like Ctrl-C: workers and local servers
+    are stopped and the run lock released before the process ends."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,16 +101,21 @@ def run(
         None, "--ray-address", help="Existing Ray cluster (default: RAY_ADDRESS, else local)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 4 when a stage rejected more than half of its input."
+    ),
 ) -> None:
     """Run a pipeline; re-running resumes and skips every committed unit."""
     _setup_logging(verbose)
-    from rankmill.config import load_pipeline
+    _sigterm_as_interrupt()
+    from rankmill.pipeline import load_pipeline
     from rankmill.runner import Runner
+    from rankmill.status import reject_summary, run_status
 
     try:
         cfg = load_pipeline(pipeline, set_)
     except RankmillError as exc:
-        raise _error(exc, 2) from exc
+        raise _error(exc, EXIT_USAGE) from exc
 
     with Progress(
         TextColumn("{task.description:<12}"),
@@ -94,24 +141,44 @@ def run(
                     progress.update(tasks[stage], note=f"{ev['done']} resumed")
             elif kind == "unit_done" and stage in tasks:
                 progress.advance(tasks[stage])
-                if not ev["ok"]:
-                    progress.console.print(f"[red]{stage} unit {ev['unit_id']}: {ev['error']}[/]")
+            elif kind == "unit_done" and not ev["ok"]:
+                msg = escape(f"{stage} unit {ev['unit_id']}: {ev.get('error', '')}")
+                progress.console.print(f"[red]{msg}[/]")
             elif kind == "service_start":
                 progress.console.print(f"[dim]starting local LLM server for {ev['name']} ...[/]")
+            elif kind == "step_start":
+                progress.console.print(f"[dim]{stage}: {ev['step']} ...[/]")
+            elif kind == "corrupt":
+                progress.console.print(f"[yellow]{escape(ev['detail'])}: recomputing it[/]")
 
         runner = Runner(cfg, run_dir, ray_address=ray_address, on_event=on_event)
         try:
             result = runner.run(until=until, only=only)
         except BudgetExceeded as exc:
-            err_console.print(f"[yellow]stopped:[/yellow] {exc}")
-            raise typer.Exit(3) from exc
+            err_console.print(f"[yellow]stopped:[/yellow] {escape(str(exc))}")
+            raise typer.Exit(EXIT_BUDGET) from exc
         except RankmillError as exc:
-            raise _error(exc, 1) from exc
+            raise _error(exc, _exit_code(exc)) from exc
+        except KeyboardInterrupt:
+            err_console.print(
+                "[yellow]interrupted:[/yellow] workers and local servers stopped; committed "
+                "work is kept, run the same command again to resume"
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(
         f"done: {result.units_run} unit(s) run, "
         f"{sum(s.units_skipped for s in result.stages)} skipped. "
         f"See: rankmill status {run_dir}"
     )
+    try:
+        st = run_status(run_dir)
+    except RankmillError:
+        return
+    for s in st["stages"]:
+        if s["flagged"]:
+            err_console.print(f"[yellow]warning:[/yellow] {escape(reject_summary(s))}")
+    if strict and st["flagged"]:
+        raise typer.Exit(EXIT_FLAGGED)
 
 
 def _fmt_int(n: float) -> str:
@@ -122,14 +189,21 @@ def _fmt_int(n: float) -> str:
 def status(
     run_dir: str = typer.Argument(..., help="A run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check every committed file against its record (sha256)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 4 when a stage rejected more than half of its input."
+    ),
 ) -> None:
-    """Show each stage's progress; exit 0 when every stage is complete, 1 otherwise."""
-    from rankmill.status import run_status
+    """Show each stage's progress. Exit 0: complete; 1: incomplete; 3: corrupt or unreadable;
+    4: (with --strict) a stage rejected more than half of its input."""
+    from rankmill.status import reject_summary, run_status
 
     try:
-        st = run_status(run_dir)
+        st = run_status(run_dir, verify=verify)
     except RankmillError as exc:
-        raise _error(exc, 2) from exc
+        raise _error(exc, EXIT_CORRUPT) from exc
     if as_json:
         console.print_json(json.dumps(st))
     else:
@@ -186,8 +260,21 @@ def status(
                     for k, v in sorted(s["extra"].items())
                 )
                 console.print(f"  {s['stage']}: {items}")
+        for s in st["stages"]:
+            if s["flagged"]:
+                console.print(f"[yellow]flagged:[/yellow] {escape(reject_summary(s))}")
+        for problem in st["corrupt"]:
+            console.print(f"[red]corrupt:[/red] {escape(problem)}")
         console.print("complete" if st["complete"] else "incomplete: run the pipeline again")
-    raise typer.Exit(0 if st["complete"] else 1)
+    if st["corrupt"]:
+        if not as_json:
+            console.print("run the pipeline again: it recomputes the units whose files fail")
+        raise typer.Exit(EXIT_CORRUPT)
+    if not st["complete"]:
+        raise typer.Exit(EXIT_INCOMPLETE)
+    if strict and st["flagged"]:
+        raise typer.Exit(EXIT_FLAGGED)
+    raise typer.Exit(0)
 
 
 @app.command()

@@ -11,15 +11,14 @@ mapping of stages (name -> params). A stage's type is its name unless ``uses`` n
       ingest: {source: ../data/sample, format: beir}
       label: {endpoint: local, uses: label}
 
-Use :func:`load_pipeline` with a path and overrides such as ``stages.mine.num_negatives=8``.
-Every error names the dotted path of the offending key and what to change.
+:func:`rankmill.pipeline.load_pipeline` loads a file with overrides such as
+``stages.mine.num_negatives=8`` into these models (it needs the stage registry, which needs
+these models: so loading lives there, and this module imports no stage). Every error names the
+dotted path of the offending key and what to change.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rankmill.errors import ConfigError
+from rankmill.hashing import stable_hash  # noqa: F401  (re-exported)
 
 
 class Model(BaseModel):
@@ -207,99 +207,3 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
     return key.strip(), value
-
-
-def validate_pipeline(raw: dict[str, Any], base_dir: str = ".") -> PipelineConfig:
-    """Validate a raw mapping into a :class:`PipelineConfig`, stage params included."""
-    from rankmill.stages import stage_class  # local: stages import config
-
-    if not isinstance(raw, dict):
-        raise ConfigError("a pipeline file must be a YAML mapping with run, endpoints, stages")
-    raw = copy.deepcopy(raw)
-    raw.setdefault("base_dir", base_dir)
-    stages_raw = raw.get("stages")
-    if not isinstance(stages_raw, dict) or not stages_raw:
-        raise ConfigError("stages: a pipeline needs a non-empty mapping of stage name -> params")
-    stages: dict[str, StageParams] = {}
-    errors: list[str] = []
-    for name, params in stages_raw.items():
-        params = {} if params is None else params
-        if not isinstance(params, dict):
-            errors.append(f"  stages.{name}: expected a mapping of params, got {params!r}")
-            continue
-        kind = params.get("uses") or name
-        try:
-            cls = stage_class(kind)
-        except KeyError as exc:
-            errors.append(f"  stages.{name}: {exc.args[0]}")
-            continue
-        try:
-            stages[name] = cls.Params.model_validate(params)
-        except ValidationError as exc:
-            errors.append(_format_errors(exc, f"stages.{name}"))
-    rest = {k: v for k, v in raw.items() if k != "stages"}
-    try:
-        cfg = PipelineConfig.model_validate({**rest, "stages": {}})
-    except ValidationError as exc:
-        errors.append(_format_errors(exc))
-        cfg = None
-    if errors:
-        raise ConfigError("invalid pipeline config:\n" + "\n".join(errors))
-    assert cfg is not None
-    # Assign after validation so each stage keeps its own Params subclass.
-    object.__setattr__(cfg, "stages", stages)
-    _check_references(cfg)
-    return cfg
-
-
-def _check_references(cfg: PipelineConfig) -> None:
-    errors = []
-    for name, params in cfg.stages.items():
-        endpoint = getattr(params, "endpoint", None)
-        if isinstance(endpoint, str) and endpoint not in cfg.endpoints:
-            errors.append(
-                f"  stages.{name}.endpoint: no endpoint named {endpoint!r} "
-                f"(endpoints: {', '.join(cfg.endpoints) or 'none'})"
-            )
-        for ep_list_name in ("endpoints", "judges"):
-            eps = getattr(params, ep_list_name, None)
-            if isinstance(eps, list):
-                for i, ep in enumerate(eps):
-                    ep_name = ep if isinstance(ep, str) else getattr(ep, "endpoint", None)
-                    if isinstance(ep_name, str) and ep_name not in cfg.endpoints:
-                        errors.append(
-                            f"  stages.{name}.{ep_list_name}.{i}: no endpoint named {ep_name!r}"
-                        )
-    if errors:
-        raise ConfigError("invalid pipeline config:\n" + "\n".join(errors))
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML, apply ``--set`` overrides, and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a pipeline file must be a YAML mapping")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(raw, key, value)
-    base_dir = str(path.resolve().parent)
-    return validate_pipeline(raw, base_dir=base_dir)
-
-
-def dump_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """The config as plain data (stage params with their own models)."""
-    out = cfg.model_dump(mode="json", exclude={"stages"})
-    out["stages"] = {n: p.model_dump(mode="json") for n, p in cfg.stages.items()}
-    return out
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()

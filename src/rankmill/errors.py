@@ -10,25 +10,39 @@ says what to change. Callers catch the narrowest class they can handle::
     ├── StageError             a stage is misdeclared or misused (schemas, wiring, missing input)
     │   └── UnitFailed         one or more work units raised; committed units are kept
     ├── ManifestError          the run directory is inconsistent or written by another pipeline
+    │   ├── CorruptData        a committed file or record does not match (recomputed by run)
+    │   └── RunDirLocked       another rankmill run holds the run directory
     ├── LLMError               a call to an LLM endpoint cannot succeed as configured
     │   ├── LLMAuthError       401/403: the key named by api_key_env is missing or wrong
     │   ├── LLMRequestError    400: the request itself is wrong (model name, params)
     │   ├── LLMQuotaError      429 that says the quota is exhausted (not a rate limit)
     │   ├── LLMRetryExhausted  transient errors outlasted the retry budget (attempts or time)
+    │   ├── LLMUnreachable     connection refused, unknown host: nothing answers at base_url
     │   └── LocalServerError   the local llama.cpp server could not be started
     ├── BudgetExceeded         max_cost_usd / max_requests would be crossed; raise it and re-run
     └── PublishError           the Hub rejected a publish
+
+An error class with ``fatal = True`` cannot heal by retrying other work units (a wrong key, a
+wrong model name, an exhausted budget, a config mistake): the runner stops the whole stage at
+the first one instead of letting every unit find out for itself.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class RankmillError(Exception):
     """Base of every error rankmill raises on purpose."""
 
+    # True: retrying other units cannot help; the runner stops the stage at the first one.
+    fatal: ClassVar[bool] = False
+
 
 class ConfigError(RankmillError):
     """A pipeline config or override is invalid."""
+
+    fatal = True
 
 
 class DataError(RankmillError):
@@ -56,9 +70,30 @@ class UnitFailed(StageError):
             "fix the cause and run again to resume."
         )
 
+    def __reduce__(self):
+        return (type(self), (self.stage, self.failures))
+
 
 class ManifestError(RankmillError):
     """The run directory is inconsistent."""
+
+
+class CorruptData(ManifestError):
+    """A committed file (or record) does not match what its record says."""
+
+    def __init__(self, message: str, stage: str = "", unit_fp: str = ""):
+        super().__init__(message)
+        self.stage = stage
+        self.unit_fp = unit_fp
+
+    def __reduce__(self):  # keep stage and unit across processes (Ray)
+        return (type(self), (str(self), self.stage, self.unit_fp))
+
+
+class RunDirLocked(ManifestError):
+    """Another rankmill run holds the run directory's lock."""
+
+    fatal = True
 
 
 class LLMError(RankmillError):
@@ -68,25 +103,41 @@ class LLMError(RankmillError):
 class LLMAuthError(LLMError):
     """The endpoint rejected the credentials."""
 
+    fatal = True
+
 
 class LLMRequestError(LLMError):
     """The endpoint rejected the request as malformed."""
 
+    fatal = True
+
 
 class LLMQuotaError(LLMError):
     """The endpoint's quota is exhausted; retrying will not help."""
+
+    fatal = True
 
 
 class LLMRetryExhausted(LLMError):
     """Transient errors persisted past the retry budget."""
 
 
+class LLMUnreachable(LLMError):
+    """Nothing answers at the endpoint's address (connection refused, unknown host)."""
+
+    fatal = True
+
+
 class LocalServerError(LLMError):
     """The local LLM server could not be started or stopped."""
+
+    fatal = True
 
 
 class BudgetExceeded(RankmillError):
     """A run-level budget (cost or requests) would be crossed."""
+
+    fatal = True
 
 
 class PublishError(RankmillError):

@@ -3,16 +3,29 @@
 A run directory looks like this (paths through ``pyarrow.fs``, so it may live on object
 storage)::
 
-    pipeline.json                         the resolved config of the latest run
-    stages/<stage>/plan.json              the stage's fingerprint and its work units
-    stages/<stage>/units/<unit_id>.json   a unit's commit record, written last
-    stages/<stage>/data/<table>/<unit_id>.<token>.parquet   unit outputs
-    llm/                                  the LLM response journal
+    pipeline.json                          the resolved config and fingerprints of the latest run
+    lock, lock.json, lock.heartbeat        the run lock (see :mod:`rankmill.lock`)
+    stages/<stage>/plan.json               the stage's fingerprint, work units and steps
+    stages/<stage>/units/<unit_fp>.json    a unit's commit record, written last
+    stages/<stage>/steps/<step_fp>.json    a stage-wide step's commit record
+    stages/<stage>/data/<table>/<unit_id>.<token>.parquet   unit and step outputs
+    stages/<stage>/files/<step>.<token>/<name>               files a step wrote
+    llm/                                   the LLM response journal
 
-A unit is committed when its record exists and names the current fingerprint. Records are
-written to a temporary name and moved into place, so a reader sees a whole record or none.
-Data files are only ever read through records: a file no record names (left by a crash) is
-garbage, never data.
+A unit is committed when a record named by its unit fingerprint exists (a unit fingerprint is
+derived from the stage fingerprint and the unit's content key, so a record can only ever be
+read for the work it was written for). Data files are written and fsynced first; the record
+is written to a temporary name, fsynced and moved into place, and its folder fsynced, so a
+reader sees a whole record or none. Data files are only ever read through records: a file no
+record names (left by a crash) is garbage, never data. Every record carries the sha256 of its
+files, checked on every read; a file that fails is :class:`~rankmill.errors.CorruptData`, and
+the runner recomputes its unit.
+
+Each record also carries a content digest per output table: an order- and
+partition-independent hash of its rows (a sum of per-row hashes). The digests of a stage's
+records add up to the stage's content digest, which is what a downstream stage's
+fingerprint holds as its upstream identity: re-splitting a stage into other units leaves it
+unchanged, a recomputed unit with other content changes it.
 """
 
 from __future__ import annotations
@@ -29,10 +42,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rankmill.config import stable_hash
-from rankmill.errors import ManifestError
+from rankmill.errors import CorruptData, ManifestError
+from rankmill.hashing import bytes_sha256, stable_hash
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
+_MASK = (1 << 64) - 1
 
 
 def fingerprint(
@@ -42,6 +56,8 @@ def fingerprint(
     prompts: dict[str, str],
     upstream: dict[str, str],
     extra: dict[str, Any] | None = None,
+    seed: int | None = None,
+    endpoints: dict[str, Any] | None = None,
 ) -> str:
     """Hash of everything that determines a stage's outputs."""
     return stable_hash(
@@ -52,12 +68,53 @@ def fingerprint(
             "prompts": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in prompts.items()},
             "upstream": upstream,
             "extra": extra or {},
+            "seed": seed,
+            "endpoints": endpoints or {},
         }
     )
 
 
 def unit_fingerprint(stage_fp: str, unit_key: str) -> str:
     return stable_hash({"stage": stage_fp, "unit": unit_key})
+
+
+def step_fingerprint(stage_fp: str, step: str, before: list[str]) -> str:
+    """A step's fingerprint: its stage's, its name, and the unit fingerprints it follows."""
+    return stable_hash({"stage": stage_fp, "step": step, "after": before})
+
+
+# -- content digests ---------------------------------------------------------------------------
+def rows_digest(table: pa.Table) -> tuple[str, int]:
+    """(hex sum of per-row hashes mod 2**64, rows): the same for the same multiset of rows,
+    however they are ordered or split into units. ``unit_id`` columns (where a row was made,
+    not what it is) are left out."""
+    cols = [c for c in table.column_names if c != "unit_id"]
+    total = 0
+    if table.num_rows and cols:
+        try:
+            import orjson
+
+            dumps = orjson.dumps
+        except ImportError:  # pragma: no cover
+            dumps = lambda v: json.dumps(v, default=str).encode()  # noqa: E731
+        sub = table.select(cols)
+        for batch in sub.to_batches(max_chunksize=8192):
+            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            for row in zip(*columns, strict=True):
+                h = hashlib.blake2b(dumps(row, default=str), digest_size=8).digest()
+                total = (total + int.from_bytes(h, "big")) & _MASK
+    return f"{total:016x}", table.num_rows
+
+
+def combine_digests(parts: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    """Add up per-table digests of several records: {table: [hex sum, rows]}."""
+    out: dict[str, list[Any]] = {}
+    for part in parts:
+        for table, (hexsum, rows) in part.items():
+            acc = out.setdefault(table, ["0" * 16, 0])
+            acc[0] = f"{(int(acc[0], 16) + int(hexsum, 16)) & _MASK:016x}"
+            acc[1] += int(rows)
+    return out
 
 
 @dataclass
@@ -100,7 +157,7 @@ class Counters:
 
 @dataclass
 class FileEntry:
-    table: str
+    table: str  # an output table, or "file:<name>" for a file a step wrote
     path: str  # relative to the run dir
     rows: int
     sha256: str
@@ -109,15 +166,16 @@ class FileEntry:
 @dataclass
 class UnitRecord:
     stage: str
-    unit_id: str
+    unit_id: str  # the unit's id, or "step:<name>" for a stage-wide step
     fingerprint: str
     files: list[FileEntry]
     counters: Counters
+    content: dict[str, list[Any]] = field(default_factory=dict)  # table -> [hex sum, rows]
+    run_id: str = ""
     format: int = RECORD_FORMAT
 
     def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps(d, sort_keys=True, indent=1)
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> UnitRecord:
@@ -128,8 +186,16 @@ class UnitRecord:
             fingerprint=d["fingerprint"],
             files=[FileEntry(**f) for f in d["files"]],
             counters=Counters.from_dict(d["counters"]),
-            format=d.get("format", RECORD_FORMAT),
+            content={k: list(v) for k, v in (d.get("content") or {}).items()},
+            run_id=d.get("run_id", ""),
+            format=d.get("format", 1),
         )
+
+    def file(self, name: str) -> FileEntry | None:
+        for f in self.files:
+            if f.table == f"file:{name}":
+                return f
+        return None
 
 
 @dataclass
@@ -140,6 +206,9 @@ class StagePlan:
     units: list[tuple[str, str]]  # (unit_id, unit fingerprint), in order
     outputs: list[str]
     upstream: dict[str, str] = field(default_factory=dict)  # input table -> "stage.table"
+    phases: list[int] = field(default_factory=list)  # phase of each unit (empty: all 0)
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step name, step fp), in order
+    upstream_digests: dict[str, str] = field(default_factory=dict)  # stage -> content digest
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -148,11 +217,12 @@ class StagePlan:
     def from_json(cls, text: str) -> StagePlan:
         d = json.loads(text)
         d["units"] = [tuple(u) for u in d["units"]]
-        return cls(**d)
+        d["steps"] = [tuple(s) for s in d.get("steps", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    def phase_of(self, i: int) -> int:
+        return self.phases[i] if self.phases else 0
 
 
 class RunDir:
@@ -164,6 +234,7 @@ class RunDir:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.uri = uri if "://" in uri else self.root
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -178,72 +249,148 @@ class RunDir:
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    # -- atomic small files --------------------------------------------------------------------
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` so that readers see all of it or nothing."""
+    # -- durable writes --------------------------------------------------------------------------
+    def _fsync_path(self, path: str, directory: bool = False) -> None:
+        if not self.local:
+            return  # an object store's PUT is durable when it returns
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_durable(self, path: str, data: bytes) -> None:
+        """Write a new file and make it durable (fsync) before returning."""
         parent = path.rsplit("/", 1)[0]
         self.mkdirs(parent)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.fs.move(tmp, path)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        if self.local:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
 
-    def read_text(self, path: str) -> str | None:
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` so that readers see all of it or nothing, durably:
+        temp file + fsync, rename, fsync of the folder."""
+        parent = path.rsplit("/", 1)[0]
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.write_durable(tmp, data)
+        self.fs.move(tmp, path)
+        self._fsync_path(parent, directory=True)
+
+    def read_bytes(self, path: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(path) as f:
-                return f.read().decode("utf-8")
+                return f.read()
         except FileNotFoundError:
             return None
+
+    def read_text(self, path: str) -> str | None:
+        data = self.read_bytes(path)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def _read_json(self, path: str, what: str, fix: str) -> Any:
+        text = self.read_text(path)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(
+                f"{path}: {what} is torn or not JSON ({exc.msg} at line {exc.lineno}); {fix}"
+            ) from None
 
     # -- pipeline --------------------------------------------------------------------------------
     def write_pipeline(self, cfg: dict[str, Any]) -> None:
         self.write_atomic(self.path("pipeline.json"), json.dumps(cfg, indent=1).encode())
 
     def read_pipeline(self) -> dict[str, Any] | None:
-        text = self.read_text(self.path("pipeline.json"))
-        return json.loads(text) if text else None
+        d = self._read_json(
+            self.path("pipeline.json"),
+            "the run's pipeline record",
+            "run the pipeline again to rewrite it (committed work is kept)",
+        )
+        if d is not None and not isinstance(d, dict):
+            raise ManifestError(f"{self.path('pipeline.json')}: not a pipeline record")
+        return d
 
     # -- plans -----------------------------------------------------------------------------------
+    def plan_path(self, stage: str) -> str:
+        return self.path("stages", stage, "plan.json")
+
     def write_plan(self, plan: StagePlan) -> None:
-        self.write_atomic(self.path("stages", plan.stage, "plan.json"), plan.to_json().encode())
+        self.write_atomic(self.plan_path(plan.stage), plan.to_json().encode())
 
     def read_plan(self, stage: str) -> StagePlan | None:
-        text = self.read_text(self.path("stages", stage, "plan.json"))
-        return StagePlan.from_json(text) if text else None
+        d = self._read_json(
+            self.plan_path(stage),
+            f"stage {stage!r}'s plan",
+            "run the pipeline again: the stage is re-planned and its committed units are kept",
+        )
+        if d is None:
+            return None
+        try:
+            return StagePlan.from_json(json.dumps(d))
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(
+                f"{self.plan_path(stage)}: not a stage plan ({exc}); run the pipeline again: "
+                "the stage is re-planned and its committed units are kept"
+            ) from None
 
-    # -- unit records ----------------------------------------------------------------------------
-    def record_path(self, stage: str, unit_id: str) -> str:
-        return self.path("stages", stage, "units", f"{unit_id}.json")
+    # -- records ---------------------------------------------------------------------------------
+    def record_path(self, stage: str, unit_fp: str, step: bool = False) -> str:
+        return self.path("stages", stage, "steps" if step else "units", f"{unit_fp}.json")
 
-    def read_record(self, stage: str, unit_id: str) -> UnitRecord | None:
-        text = self.read_text(self.record_path(stage, unit_id))
+    def read_record(self, stage: str, unit_fp: str, step: bool = False) -> UnitRecord | None:
+        path = self.record_path(stage, unit_fp, step)
+        text = self.read_text(path)
         if text is None:
             return None
         try:
-            return UnitRecord.from_json(text)
+            rec = UnitRecord.from_json(text)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(
-                f"{self.record_path(stage, unit_id)} is corrupt ({exc}); delete it to recompute "
-                "that unit"
-            ) from exc
+            raise CorruptData(
+                f"{path}: commit record is corrupt ({exc})", stage=stage, unit_fp=unit_fp
+            ) from None
+        if rec.fingerprint != unit_fp:
+            raise CorruptData(
+                f"{path}: record names fingerprint {rec.fingerprint[:12]}, not its own",
+                stage=stage,
+                unit_fp=unit_fp,
+            )
+        return rec
 
-    def committed(self, stage: str, unit_id: str, unit_fp: str) -> UnitRecord | None:
-        rec = self.read_record(stage, unit_id)
-        if rec is not None and rec.fingerprint == unit_fp:
-            return rec
-        return None
+    def committed(self, stage: str, unit_fp: str, step: bool = False) -> UnitRecord | None:
+        """The record committed for this unit (or step) fingerprint; None when there is none
+        (a corrupt record counts as none: the unit is recomputed)."""
+        try:
+            return self.read_record(stage, unit_fp, step)
+        except CorruptData:
+            return None
+
+    def committed_fps(self, stage: str, step: bool = False) -> set[str]:
+        """Fingerprints with a record in the stage's units (or steps) folder: one listing
+        instead of a read per unit. A record listed here may still turn out corrupt when it
+        is read; the reader then raises :class:`CorruptData`."""
+        folder = self.path("stages", stage, "steps" if step else "units")
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except FileNotFoundError:
+            return set()
+        return {
+            i.base_name[: -len(".json")]
+            for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+        }
+
+    def quarantine(self, stage: str, unit_fp: str, step: bool = False) -> None:
+        """Move a record whose data failed verification aside, so its unit is recomputed."""
+        path = self.record_path(stage, unit_fp, step)
+        if self.exists(path):
+            self.fs.move(path, f"{path}.corrupt-{uuid.uuid4().hex[:8]}")
 
     def commit_unit(
         self,
@@ -252,42 +399,112 @@ class RunDir:
         unit_fp: str,
         tables: dict[str, pa.Table],
         counters: Counters,
+        files: dict[str, str] | None = None,
+        step: bool = False,
+        run_id: str = "",
     ) -> UnitRecord:
-        """Write a unit's tables under fresh names, then its record last (the commit)."""
+        """Write a unit's (or step's) tables and files under fresh names, durably, then its
+        record last (the commit)."""
         token = uuid.uuid4().hex[:12]
-        files = []
+        entries = []
+        content: dict[str, list[Any]] = {}
+        safe_id = unit_id.replace(":", "-")
         for table_name in sorted(tables):
             table = tables[table_name]
-            rel = f"stages/{stage}/data/{table_name}/{unit_id}.{token}.parquet"
+            rel = f"stages/{stage}/data/{table_name}/{safe_id}.{token}.parquet"
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
             data = buf.getvalue()
-            full = self.path(rel)
-            self.mkdirs(full.rsplit("/", 1)[0])
-            with self.fs.open_output_stream(full) as out:
-                out.write(data)
-            files.append(FileEntry(table_name, rel, table.num_rows, _sha256(data)))
-        rec = UnitRecord(stage, unit_id, unit_fp, files, counters)
-        self.write_atomic(self.record_path(stage, unit_id), rec.to_json().encode())
+            self.write_durable(self.path(rel), data)
+            entries.append(FileEntry(table_name, rel, table.num_rows, bytes_sha256(data)))
+            if table_name != "rejects":
+                content[table_name] = list(rows_digest(table))
+        for name, local_path in sorted((files or {}).items()):
+            rel = f"stages/{stage}/files/{safe_id}.{token}/{name}"
+            with open(local_path, "rb") as f:
+                data = f.read()
+            self.write_durable(self.path(rel), data)
+            entries.append(FileEntry(f"file:{name}", rel, 0, bytes_sha256(data)))
+        if self.local and entries:
+            for d in {self.path(e.path).rsplit("/", 1)[0] for e in entries}:
+                self._fsync_path(d, directory=True)
+        rec = UnitRecord(stage, unit_id, unit_fp, entries, counters, content, run_id)
+        path = self.record_path(stage, unit_fp, step)
+        self.mkdirs(path.rsplit("/", 1)[0])
+        self.write_atomic(path, rec.to_json().encode())
         return rec
 
-    def read_unit_table(self, rec: UnitRecord, table: str, verify: bool = True) -> pa.Table | None:
+    def _verified_bytes(self, rec: UnitRecord, f: FileEntry, step: bool = False) -> bytes:
+        data = self.read_bytes(self.path(f.path))
+        if data is None or bytes_sha256(data) != f.sha256:
+            why = "is missing" if data is None else "does not match its commit record (sha256)"
+            raise CorruptData(
+                f"{f.path} {why}; run the pipeline again to recompute that unit",
+                stage=rec.stage,
+                unit_fp=("step:" if step else "") + rec.fingerprint,
+            )
+        return data
+
+    def read_unit_table(
+        self,
+        rec: UnitRecord,
+        table: str,
+        verify: bool = True,
+        columns: list[str] | None = None,
+        step: bool = False,
+    ) -> pa.Table | None:
         for f in rec.files:
             if f.table != table:
                 continue
-            with self.fs.open_input_stream(self.path(f.path)) as src:
-                data = src.read()
-            if verify and _sha256(data) != f.sha256:
-                raise ManifestError(
-                    f"{f.path}: content does not match its commit record (sha256); the run dir "
-                    f"was modified. Delete {self.record_path(rec.stage, rec.unit_id)} to recompute."
-                )
-            return pq.read_table(pa.BufferReader(data))
+            if verify:
+                data = self._verified_bytes(rec, f, step)
+            else:
+                data = self.read_bytes(self.path(f.path)) or b""
+            return pq.read_table(pa.BufferReader(data), columns=columns)
         return None
 
-    def read_table(self, stage: str, table: str, schema: pa.Schema | None = None) -> pa.Table:
-        """Concatenate a committed stage table over its units, in plan order."""
-        plan = self.read_plan(stage)
+    def read_file(self, rec: UnitRecord, name: str, step: bool = True) -> bytes:
+        f = rec.file(name)
+        if f is None:
+            raise ManifestError(f"{rec.stage} {rec.unit_id} wrote no file {name!r}")
+        return self._verified_bytes(rec, f, step)
+
+    def _records(self, stage: str, plan: StagePlan) -> list[tuple[UnitRecord, bool]]:
+        """Every record of a complete plan, units in plan order then steps; raises when one
+        is missing."""
+        out = []
+        for unit_id, unit_fp in plan.units:
+            rec = self.committed(stage, unit_fp)
+            if rec is None:
+                raise ManifestError(
+                    f"stage {stage!r} unit {unit_id} is not committed: the stage is incomplete; "
+                    "run the pipeline again to finish it"
+                )
+            out.append((rec, False))
+        for step, step_fp in plan.steps:
+            rec = self.committed(stage, step_fp, step=True)
+            if rec is None:
+                raise ManifestError(
+                    f"stage {stage!r} step {step!r} is not committed: the stage is incomplete; "
+                    "run the pipeline again to finish it"
+                )
+            out.append((rec, True))
+        return out
+
+    def read_table(
+        self,
+        stage: str,
+        table: str,
+        schema: pa.Schema | None = None,
+        plan: StagePlan | None = None,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """Concatenate a committed stage table over its units (plan order), then its steps.
+
+        ``plan`` pins the plan to read through (the runner passes the one a downstream
+        fingerprint was built from); by default the one on disk.
+        """
+        plan = plan or self.read_plan(stage)
         if plan is None:
             raise ManifestError(f"stage {stage!r} has no plan in {self.uri}: run it first")
         if table not in plan.outputs:
@@ -295,32 +512,65 @@ class RunDir:
                 f"stage {stage!r} has no output table {table!r} (it has {plan.outputs})"
             )
         parts = []
-        for unit_id, unit_fp in plan.units:
-            rec = self.committed(stage, unit_id, unit_fp)
-            if rec is None:
-                raise ManifestError(
-                    f"stage {stage!r} unit {unit_id} is not committed: the stage is incomplete; "
-                    "run the pipeline again to finish it"
-                )
-            t = self.read_unit_table(rec, table)
+        for rec, is_step in self._records(stage, plan):
+            t = self.read_unit_table(rec, table, columns=columns, step=is_step)
             if t is not None:
                 parts.append(t)
         if not parts:
             if schema is None:
                 raise ManifestError(f"stage {stage!r} table {table!r} has no rows and no schema")
-            return schema.empty_table()
-        if schema is not None:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        if schema is not None and not columns:
             parts = [p.cast(schema) if p.schema != schema else p for p in parts]
-        return pa.concat_tables(parts)
+        return pa.concat_tables(parts, promote_options="default")
+
+    def content_digest(self, stage: str, plan: StagePlan | None = None) -> str:
+        """The committed content of a complete stage: its tables' row digests added up over
+        units and steps (see the module docstring)."""
+        plan = plan or self.read_plan(stage)
+        if plan is None:
+            raise ManifestError(f"stage {stage!r} has no plan in {self.uri}: run it first")
+        recs = self._records(stage, plan)
+        return stable_hash(
+            {"stage": plan.fingerprint, "content": combine_digests([r.content for r, _ in recs])}
+        )
 
     def stage_status(self, stage: str) -> tuple[StagePlan | None, list[UnitRecord | None]]:
         plan = self.read_plan(stage)
         if plan is None:
             return None, []
-        return plan, [self.committed(stage, u, fp) for u, fp in plan.units]
+        return plan, [self.committed(stage, fp) for _, fp in plan.units]
+
+    def step_records(self, stage: str, plan: StagePlan) -> list[UnitRecord | None]:
+        return [self.committed(stage, fp, step=True) for _, fp in plan.steps]
 
     def is_complete(self, stage: str, stage_fp: str | None = None) -> bool:
-        plan, recs = self.stage_status(stage)
+        plan = self.read_plan(stage)
         if plan is None or (stage_fp is not None and plan.fingerprint != stage_fp):
             return False
-        return all(r is not None for r in recs)
+        units = self.committed_fps(stage)
+        steps = self.committed_fps(stage, step=True) if plan.steps else set()
+        return all(fp in units for _, fp in plan.units) and all(fp in steps for _, fp in plan.steps)
+
+    def verify_stage(self, stage: str) -> list[str]:
+        """Check every committed file of a stage against its record; the problems found."""
+        plan = self.read_plan(stage)
+        if plan is None:
+            return []
+        problems = []
+        pairs = [(fp, False) for _, fp in plan.units] + [(fp, True) for _, fp in plan.steps]
+        for fp, is_step in pairs:
+            try:
+                rec = self.read_record(stage, fp, is_step)
+            except CorruptData as exc:
+                problems.append(str(exc))
+                continue
+            if rec is None:
+                continue
+            for f in rec.files:
+                try:
+                    self._verified_bytes(rec, f, is_step)
+                except CorruptData as exc:
+                    problems.append(str(exc))
+        return problems

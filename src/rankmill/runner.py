@@ -5,13 +5,21 @@ Use :class:`Runner` (the CLI does)::
     cfg = load_pipeline("pipelines/quickstart.yaml")
     Runner(cfg, "runs/quickstart").run()
 
-For each stage in order the runner computes the stage's fingerprint (stage type, version,
-params, prompt texts, upstream fingerprints, and the stage's own extra, e.g. input file
-hashes), reads its inputs from committed upstream units, plans its work units, writes the
-plan, and sends only the units without a matching commit record to a Ray Data actor pool.
-Each unit commits itself on the actor (data first, record last), so a crash loses at most
-the units in flight. Ray is started only when there is work to do: a finished run re-run
-starts nothing.
+The runner takes the run directory's lock (:mod:`rankmill.lock`: one writer per run dir),
+resolves the pipeline once (:func:`rankmill.pipeline.resolve`), and for each stage in order:
+computes its fingerprint from its config part and the committed content of its upstream stages,
+reads the inputs its ``plan`` needs through exactly those upstream plans, plans its work units,
+writes the plan, and runs what is not committed under that fingerprint — the ``prepare`` step,
+each phase's units, the ``aggregate`` steps between phases, the ``finalize`` step — on a pool of
+Ray actors (:class:`StageActor`). Each unit commits itself on its actor (data first, record
+last), so a crash loses at most the units in flight. Ray is started only when there is work:
+a finished run re-run starts nothing.
+
+Failures are told apart by type: a unit that raised is a unit failure (the others go on; the
+stage stops after its phase with :class:`~rankmill.errors.UnitFailed`); an error whose class is
+``fatal`` (a wrong key, a budget stop, ...) stops the stage at once, and its actors with it; a
+committed file that fails its checksum (:class:`~rankmill.errors.CorruptData`) sends the
+runner back to recompute that unit.
 
 Ray runs on loopback by default; ``ray_address`` (or ``RAY_ADDRESS``, or ``run.ray.address``)
 connects to an existing cluster instead, whose nodes must share the run directory.
@@ -20,10 +28,10 @@ connects to an existing cluster instead, whose nodes must share the run director
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import os
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,10 +40,39 @@ from typing import Any
 
 import pyarrow as pa
 
-from rankmill.config import PipelineConfig, dump_pipeline
-from rankmill.errors import BudgetExceeded, ManifestError, StageError, UnitFailed
-from rankmill.manifest import Counters, RunDir, StagePlan, fingerprint, unit_fingerprint
-from rankmill.stage import Stage, StageContext, UnitOutput, WorkUnit
+from rankmill.config import PipelineConfig
+from rankmill.errors import (
+    BudgetExceeded,
+    CorruptData,
+    ManifestError,
+    RankmillError,
+    StageError,
+    UnitFailed,
+)
+from rankmill.lock import RunLock, Watchdog, holds_lock
+from rankmill.manifest import (
+    Counters,
+    RunDir,
+    StagePlan,
+    step_fingerprint,
+    unit_fingerprint,
+)
+from rankmill.pipeline import (
+    ResolvedStage,
+    base_context,
+    dump_pipeline,
+    resolve,
+    stage_fingerprint,
+)
+from rankmill.stage import (
+    WORKER_ENV,
+    Stage,
+    StageContext,
+    StepContext,
+    StepOutput,
+    UnitOutput,
+    WorkUnit,
+)
 from rankmill.stages import stage_class
 
 log = logging.getLogger(__name__)
@@ -44,32 +81,13 @@ Event = Callable[..., None]
 
 # Ray's switch for clusters of several machines; off, every node takes 127.0.0.1.
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+MAX_CORRUPT_RETRIES = 8
 
 
-# -- unit (de)serialization ---------------------------------------------------------------------
-def _table_to_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+class Superseded(RankmillError):
+    """This run no longer holds the run dir's lock: its unit must not commit."""
 
-
-def _table_from_bytes(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
-
-
-def encode_unit(unit: WorkUnit, unit_fp: str) -> dict[str, Any]:
-    return {
-        "unit_id": unit.unit_id,
-        "unit_fp": unit_fp,
-        "meta": json.dumps(unit.meta, sort_keys=True),
-        "tables": json.dumps({k: _table_to_bytes(v).hex() for k, v in unit.tables.items()}),
-    }
-
-
-def decode_unit(row: dict[str, Any], key: str = "") -> WorkUnit:
-    tables = {k: _table_from_bytes(bytes.fromhex(v)) for k, v in json.loads(row["tables"]).items()}
-    return WorkUnit(unit_id=row["unit_id"], key=key, tables=tables, meta=json.loads(row["meta"]))
+    fatal = True
 
 
 def conform(stage: Stage, name: str, table: pa.Table) -> pa.Table:
@@ -110,24 +128,87 @@ def execute_unit(stage: Stage, rd: RunDir, unit: WorkUnit, unit_fp: str) -> Coun
     if not counters.rows_in:
         counters.rows_in = sum(t.num_rows for t in unit.tables.values())
     counters.seconds = round(time.perf_counter() - t0, 4)
-    rd.commit_unit(stage.ctx.stage_name, unit.unit_id, unit_fp, tables, counters)
+    if not holds_lock(rd, stage.ctx.run_id):
+        raise Superseded(
+            f"stage {stage.ctx.stage_name!r} unit {unit.unit_id}: another run took over "
+            f"{rd.uri}; this one stops without committing"
+        )
+    rd.commit_unit(
+        stage.ctx.stage_name, unit.unit_id, unit_fp, tables, counters, run_id=stage.ctx.run_id
+    )
     return counters
 
 
-class UnitWorker:
-    """A Ray Data actor: builds its stage once, then processes and commits units."""
+def execute_step(stage: Stage, rd: RunDir, step: str, step_fp: str, plan: StagePlan) -> Counters:
+    """Run one stage-wide step and commit its output like a unit's."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"rankmill-{step}-") as work_dir:
+        sctx = StepContext(ctx=stage.ctx, work_dir=work_dir, plan=plan)
+        if step == "prepare":
+            out = stage.prepare(sctx)
+        elif step == "finalize":
+            out = stage.finalize(sctx)
+        elif step.startswith("aggregate-"):
+            out = stage.aggregate(int(step.split("-", 1)[1]), sctx)
+        else:
+            raise StageError(f"unknown step {step!r}")
+        out = out or StepOutput()
+        if not isinstance(out, StepOutput):
+            raise StageError(
+                f"stage {stage.ctx.stage_name!r}: {step} must return a StepOutput or None"
+            )
+        tables = {}
+        for k, v in out.tables.items():
+            tables[k] = conform(stage, k, v) if k in stage.all_outputs() else v
+        for name, path in out.files.items():
+            if not os.path.isfile(path):
+                raise StageError(
+                    f"stage {stage.ctx.stage_name!r}: {step} names file {name!r} at {path}, "
+                    "which does not exist"
+                )
+        counters = out.counters
+        counters.seconds = round(time.perf_counter() - t0, 4)
+        if not holds_lock(rd, stage.ctx.run_id):
+            raise Superseded(f"stage {stage.ctx.stage_name!r} {step}: another run took over")
+        rd.commit_unit(
+            stage.ctx.stage_name,
+            f"step:{step}",
+            step_fp,
+            tables,
+            counters,
+            files=out.files,
+            step=True,
+            run_id=stage.ctx.run_id,
+        )
+    return counters
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (its type decides what the runner
+    does), else a StageError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return StageError(f"{type(exc).__name__}: {exc}")
+
+
+class StageActor:
+    """A Ray actor: builds its stage once (on first use), then processes and commits units
+    and runs stage-wide steps. Exits by itself when its run has gone (:class:`Watchdog`)."""
 
     def __init__(
         self, stage_type: str, params_json: str, ctx_json: str, log_level: int = logging.WARNING
     ):
+        os.environ[WORKER_ENV] = "1"
         # Workers log at the driver's level (Ray forwards their output to the driver).
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-        # Some libraries set their own loggers to DEBUG on import; the handlers filter too.
         for handler in logging.getLogger().handlers:
             handler.setLevel(log_level)
         logging.getLogger("rankmill").setLevel(log_level)
-        quiet = log_level > logging.INFO
-        if quiet:
+        if log_level > logging.INFO:
             # Model-loading progress bars, once per actor; read when the libraries load.
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             os.environ.setdefault("TQDM_DISABLE", "1")
@@ -137,32 +218,50 @@ class UnitWorker:
         ctx = StageContext.from_json(ctx_json)
         self.stage: Stage = cls(params, ctx)
         self.rd = ctx.rundir()
-        self.stage.setup()
+        self._setup_lock = threading.Lock()
+        self._ready = False
+        self._watchdog = Watchdog(self.rd, ctx.run_id, on_gone=self._gone).start()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        results: dict[str, list[Any]] = {
-            "unit_id": [],
-            "ok": [],
-            "error": [],
-            "error_type": [],
-            "counters": [],
-        }
-        for row in batch.to_pylist():
-            unit = decode_unit(row)
-            results["unit_id"].append(unit.unit_id)
-            try:
-                counters = execute_unit(self.stage, self.rd, unit, row["unit_fp"])
-                results["ok"].append(True)
-                results["error"].append("")
-                results["error_type"].append("")
-                results["counters"].append(json.dumps(counters.__dict__))
-            except Exception as exc:  # a failed unit must not take the others down
+    @staticmethod
+    def _gone(why: str) -> None:
+        log.warning("worker exits: %s", why)
+        os._exit(1)
+
+    def ping(self) -> bool:
+        return True
+
+    def _ensure_setup(self) -> None:
+        with self._setup_lock:
+            if not self._ready:
+                self.stage.setup()
+                self._ready = True
+
+    def process(self, unit: WorkUnit, unit_fp: str) -> dict[str, Any]:
+        try:
+            self._ensure_setup()
+            counters = execute_unit(self.stage, self.rd, unit, unit_fp)
+            return {"ok": True, "counters": counters.__dict__}
+        except Exception as exc:  # a failed unit must not take the others down
+            if not getattr(exc, "fatal", False):
                 log.error("unit %s failed:\n%s", unit.unit_id, traceback.format_exc())
-                results["ok"].append(False)
-                results["error"].append(f"{type(exc).__name__}: {exc}")
-                results["error_type"].append(type(exc).__name__)
-                results["counters"].append("{}")
-        return pa.table(results)
+            return {"ok": False, "exc": _portable(exc)}
+
+    def run_step(self, step: str, step_fp: str, plan_json: str) -> dict[str, Any]:
+        try:
+            counters = execute_step(
+                self.stage, self.rd, step, step_fp, StagePlan.from_json(plan_json)
+            )
+            return {"ok": True, "counters": counters.__dict__}
+        except Exception as exc:
+            if not getattr(exc, "fatal", False):
+                log.error("step %s failed:\n%s", step, traceback.format_exc())
+            return {"ok": False, "exc": _portable(exc)}
+
+    def teardown(self) -> None:
+        if self._ready:
+            self.stage.teardown()
+            self._ready = False
+        self._watchdog.stop()
 
 
 # -- the runner ---------------------------------------------------------------------------------
@@ -172,6 +271,7 @@ class StageOutcome:
     units_total: int = 0
     units_skipped: int = 0
     units_run: int = 0
+    steps_run: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -183,6 +283,13 @@ class RunResult:
     @property
     def units_run(self) -> int:
         return sum(s.units_run for s in self.stages)
+
+
+class _Restart(Exception):
+    """Internal: a committed upstream unit failed its checksum; re-run from that stage."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
 
 
 class Runner:
@@ -203,83 +310,29 @@ class Runner:
         self._services: dict[str, Any] = {}  # endpoint name -> running local server
         self._endpoint_urls: dict[str, str] = {}
         self._shared: dict[str, Any] = {}
+        self._resolved: list[ResolvedStage] | None = None
+        self._lock: RunLock | None = None
+        self._actors: list[Any] = []
 
-    # -- wiring and fingerprints -------------------------------------------------------------------
-    def wiring(self) -> dict[str, dict[str, str]]:
-        """For each stage: input table -> 'stage.table' of the stage that provides it."""
-        produced: dict[str, str] = {}  # table -> latest stage providing it
-        wiring: dict[str, dict[str, str]] = {}
-        for name, params in self.cfg.stages.items():
-            cls = stage_class(self.cfg.stage_type(name))
-            refs: dict[str, str] = {}
-            for table in list(cls.inputs) + list(cls.optional_inputs):
-                if table in params.inputs:
-                    ref = params.inputs[table]
-                    src, _, tname = ref.partition(".")
-                    if src not in wiring or not tname:
-                        raise StageError(
-                            f"stages.{name}.inputs.{table}: {ref!r} must name an earlier stage's "
-                            "table as 'stage.table'"
-                        )
-                    refs[table] = ref
-                elif table in produced:
-                    refs[table] = f"{produced[table]}.{table}"
-                elif table in cls.inputs:
-                    raise StageError(
-                        f"stage {name!r} needs a {table!r} table but no earlier stage writes one; "
-                        f"add a stage that does before it, or set stages.{name}.inputs.{table}"
-                    )
-            unknown = set(params.inputs) - set(cls.inputs) - set(cls.optional_inputs)
-            if unknown:
-                raise StageError(
-                    f"stages.{name}.inputs: {sorted(unknown)} are not inputs of this stage "
-                    f"(it reads {sorted(list(cls.inputs) + list(cls.optional_inputs))})"
-                )
-            wiring[name] = refs
-            for table in cls.all_outputs():
-                if table != "rejects":
-                    produced[table] = name
-        return wiring
+    # -- resolution ------------------------------------------------------------------------------
+    def resolved(self) -> list[ResolvedStage]:
+        if self._resolved is None:
+            self._resolved = resolve(self.cfg)
+        return self._resolved
 
-    def _context(self, name: str, refs: dict[str, str]) -> StageContext:
-        endpoints = {}
-        for ep_name, ep in self.cfg.endpoints.items():
-            d = ep.model_dump(mode="json")
-            if ep_name in self._endpoint_urls:
-                d["base_url"] = self._endpoint_urls[ep_name]
-            endpoints[ep_name] = d
-        return StageContext(
-            run_dir=self.rd.uri,
-            stage_name=name,
-            stage_type=self.cfg.stage_type(name),
-            seed=self.cfg.run.seed,
-            run_name=self.cfg.run.name,
-            base_dir=self.cfg.base_dir,
-            endpoints=endpoints,
-            input_refs=refs,
-            shared=dict(self._shared),
-            budget=self.cfg.run.budget.model_dump(mode="json"),
-            workers=self.cfg.stages[name].workers,
-        )
+    def fingerprints(self) -> dict[str, str]:
+        """Each stage's config fingerprint (its full fingerprint adds upstream content)."""
+        return {rs.name: rs.config_fp for rs in self.resolved()}
 
-    def fingerprints(self, wiring: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
-        wiring = wiring or self.wiring()
-        fps: dict[str, str] = {}
-        for name, params in self.cfg.stages.items():
-            cls = stage_class(self.cfg.stage_type(name))
-            stage = cls(params, self._context(name, wiring[name]))
-            upstream = {t: fps[ref.split(".", 1)[0]] + ":" + ref for t, ref in wiring[name].items()}
-            # Worker placement and the like do not change outputs (wiring is in `upstream`).
-            p = params.model_dump(mode="json", exclude=set(params.not_fingerprinted))
-            fps[name] = fingerprint(
-                cls.name or name,
-                cls.version,
-                p,
-                stage.prompt_texts(),
-                upstream,
-                stage.fingerprint_extra(),
-            )
-        return fps
+    def _context(self, rs: ResolvedStage, upstream_fps: dict[str, str]) -> StageContext:
+        ctx = base_context(self.cfg, rs.name, rs.refs, self.rd.uri)
+        for ep_name, url in self._endpoint_urls.items():
+            ctx.endpoints[ep_name]["base_url"] = url
+        ctx.shared = dict(self._shared)
+        ctx.prompts = dict(rs.prompts)
+        ctx.run_id = self._lock.run_id if self._lock else ""
+        ctx.upstream_fps = dict(upstream_fps)
+        return ctx
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, until: str | None = None, only: str | None = None) -> RunResult:
@@ -287,157 +340,358 @@ class Runner:
         for opt, val in (("--until", until), ("--only", only)):
             if val is not None and val not in names:
                 raise StageError(f"{opt} {val}: no such stage (stages: {', '.join(names)})")
-        wiring = self.wiring()
-        fps = self.fingerprints(wiring)
+        resolved = {rs.name: rs for rs in self.resolved()}
         if only is not None:
             todo = [only]
-            for ref in wiring[only].values():
-                up = ref.split(".", 1)[0]
-                if not self.rd.is_complete(up, fps[up]):
-                    raise StageError(
-                        f"--only {only}: its input stage {up!r} is not complete with the current "
-                        f"config; run without --only (or with --until {up}) first"
-                    )
         else:
             todo = names[: names.index(until) + 1] if until else names
-        self.rd.mkdirs(self.rd.root)
-        self.rd.write_pipeline(dump_pipeline(self.cfg) | {"fingerprints": fps})
         result = RunResult()
+        self._lock = RunLock(self.rd).acquire()
         try:
-            for name in todo:
-                outcome = self._run_stage(name, wiring[name], fps[name])
-                result.stages.append(outcome)
-                if outcome.failures:
-                    budget = {k: v for k, v in outcome.failures.items() if "BudgetExceeded" in v}
-                    if budget:
-                        raise BudgetExceeded(
-                            f"stage {name!r} stopped at the run's budget "
-                            f"({next(iter(budget.values()))}); committed work is kept. Raise "
-                            "run.budget.max_cost_usd / max_requests and run again to resume."
+            fps: dict[str, str] = {}
+            self._write_pipeline(fps)
+            restarts = 0
+            i = 0
+            if only is not None:
+                for up in resolved[only].upstream_stages:
+                    plan = self._complete_plan(up)
+                    if plan is None:
+                        raise StageError(
+                            f"--only {only}: its input stage {up!r} is not complete; run "
+                            f"without --only (or with --until {up}) first"
                         )
-                    raise UnitFailed(name, outcome.failures)
+            while i < len(todo):
+                name = todo[i]
+                try:
+                    outcome = self._run_stage(resolved[name], fps)
+                except _Restart as r:
+                    restarts += 1
+                    if restarts > MAX_CORRUPT_RETRIES or r.stage not in todo:
+                        raise StageError(
+                            f"stage {r.stage!r} keeps failing its checksums after recomputing; "
+                            "check the storage of the run dir"
+                        ) from None
+                    i = todo.index(r.stage)
+                    result.stages = [s for s in result.stages if s.name in todo[:i]]
+                    continue
+                self._write_pipeline(fps)
+                result.stages.append(outcome)
+                i += 1
         finally:
             self.close()
         return result
 
-    def _run_stage(self, name: str, refs: dict[str, str], stage_fp: str) -> StageOutcome:
+    def _write_pipeline(self, fps: dict[str, str]) -> None:
+        old = {}
+        with contextlib.suppress(ManifestError):
+            old = (self.rd.read_pipeline() or {}).get("fingerprints", {})
+        merged = {n: fps.get(n, old.get(n, "")) for n in self.cfg.stages}
+        self.rd.write_pipeline(dump_pipeline(self.cfg) | {"fingerprints": merged})
+
+    def _complete_plan(self, stage: str) -> StagePlan | None:
+        try:
+            plan = self.rd.read_plan(stage)
+        except ManifestError:
+            return None
+        if plan is None or not self.rd.is_complete(stage, plan.fingerprint):
+            return None
+        return plan
+
+    def _upstream(self, rs: ResolvedStage) -> tuple[dict[str, StagePlan], dict[str, str]]:
+        plans: dict[str, StagePlan] = {}
+        digests: dict[str, str] = {}
+        for up in rs.upstream_stages:
+            plan = self._complete_plan(up)
+            if plan is None:
+                raise StageError(
+                    f"stage {rs.name!r}: its input stage {up!r} is not complete; run the "
+                    "pipeline without --only"
+                )
+            plans[up] = plan
+            digests[up] = self.rd.content_digest(up, plan)
+        return plans, digests
+
+    def _read_plan_for_run(self, name: str) -> StagePlan | None:
+        try:
+            return self.rd.read_plan(name)
+        except ManifestError as exc:
+            log.warning("%s; re-planning the stage", exc)
+            return None
+
+    def _run_stage(self, rs: ResolvedStage, fps: dict[str, str]) -> StageOutcome:
         t0 = time.perf_counter()
-        params = self.cfg.stages[name]
-        cls = stage_class(self.cfg.stage_type(name))
+        name = rs.name
         outcome = StageOutcome(name)
-        # Skip planning entirely when the stage finished with this fingerprint.
-        plan = self.rd.read_plan(name)
+        up_plans, up_digests = self._upstream(rs)
+        stage_fp = stage_fingerprint(rs, up_digests)
+        plan = self._read_plan_for_run(name)
         if plan is not None and plan.fingerprint == stage_fp and self.rd.is_complete(name):
+            fps[name] = stage_fp
             outcome.units_total = outcome.units_skipped = len(plan.units)
             self.on_event("stage_skipped", stage=name, units=len(plan.units))
             return outcome
-        inputs = {}
-        for table, ref in refs.items():
-            src, tname = ref.split(".", 1)
-            schema = {**cls.inputs, **cls.optional_inputs}[table]
-            try:
-                inputs[table] = self.rd.read_table(src, tname)
-            except ManifestError as exc:
-                raise StageError(f"stage {name!r} cannot read its input {table!r}: {exc}") from exc
-            missing = [f.name for f in schema if f.name not in inputs[table].column_names]
-            if missing:
-                raise StageError(
-                    f"stage {name!r}: input {table!r} from {ref} lacks columns {missing}"
-                )
-        stage = cls(params, self._context(name, refs))
-        units = stage.plan(inputs)
+
+        upstream_fps = {s: p.fingerprint for s, p in up_plans.items()}
+        ctx = self._context(rs, upstream_fps)
+        stage = rs.cls(rs.params, ctx)
+        units = self._plan_units(rs, stage, up_plans)
         ids = [u.unit_id for u in units]
         if len(set(ids)) != len(ids):
             raise StageError(f"stage {name!r} planned duplicate unit ids")
         unit_fps = [unit_fingerprint(stage_fp, u.key) for u in units]
-        self.rd.write_plan(
-            StagePlan(
-                stage=name,
-                stage_type=self.cfg.stage_type(name),
-                fingerprint=stage_fp,
-                units=list(zip(ids, unit_fps, strict=False)),
-                outputs=sorted(cls.all_outputs()),
-                upstream=refs,
-            )
+        phases = sorted({u.phase for u in units}) or [0]
+        step_names = rs.cls.step_names(phases)
+        steps: list[tuple[str, str]] = []
+        for step in step_names:
+            if step == "prepare":
+                before: list[str] = []
+            elif step == "finalize":
+                before = list(unit_fps)
+            else:
+                p = int(step.split("-", 1)[1])
+                before = [fp for u, fp in zip(units, unit_fps, strict=True) if u.phase <= p]
+            steps.append((step, step_fingerprint(stage_fp, step, before)))
+        plan = StagePlan(
+            stage=name,
+            stage_type=rs.stage_type,
+            fingerprint=stage_fp,
+            units=list(zip(ids, unit_fps, strict=True)),
+            outputs=sorted(rs.cls.all_outputs()),
+            upstream=dict(rs.refs),
+            phases=[u.phase for u in units] if len(phases) > 1 or phases != [0] else [],
+            steps=steps,
+            upstream_digests=up_digests,
         )
-        pending = [
-            (u, fp)
-            for u, fp in zip(units, unit_fps, strict=False)
-            if not self.rd.committed(name, u.unit_id, fp)
-        ]
+        self.rd.write_plan(plan)
+        fps[name] = stage_fp
+        self._write_pipeline(fps)
+        ctx.steps = dict(steps)
+
+        have = self.rd.committed_fps(name)
+        have_steps = self.rd.committed_fps(name, step=True) if steps else set()
+        pending = [(u, fp) for u, fp in zip(units, unit_fps, strict=True) if fp not in have]
+        pending_steps = [(s, fp) for s, fp in steps if fp not in have_steps]
         outcome.units_total = len(units)
         outcome.units_skipped = len(units) - len(pending)
         self.on_event("stage_start", stage=name, total=len(units), done=outcome.units_skipped)
-        if pending:
-            self._start_services(stage)
-            stage.ctx = self._context(name, refs)  # now with local endpoint URLs
-            outcome.failures = self._run_units(stage, params, pending)
-            outcome.units_run = len(pending) - len(outcome.failures)
+        if pending or pending_steps:
+            self._start_services(rs)
+            ctx = self._context(rs, upstream_fps)
+            ctx.steps = dict(steps)
+            stage.ctx = ctx
+            try:
+                self._execute(rs, stage, plan, units, unit_fps, pending, pending_steps, outcome)
+            finally:
+                self._stop_actors()
         outcome.seconds = time.perf_counter() - t0
         self.rd.write_atomic(
             self.rd.path("stages", name, "last_run.json"),
-            json.dumps(
+            _json(
                 {
                     "fingerprint": stage_fp,
                     "wall_seconds": round(outcome.seconds, 3),
                     "units_run": outcome.units_run,
                     "units_skipped": outcome.units_skipped,
+                    "steps_run": outcome.steps_run,
                     "failures": outcome.failures,
                     "finished_at": time.time(),
                 }
-            ).encode(),
+            ),
         )
         self.on_event("stage_end", stage=name, failures=len(outcome.failures))
         return outcome
 
-    def _run_units(
-        self, stage: Stage, params: Any, pending: list[tuple[WorkUnit, str]]
-    ) -> dict[str, str]:
-        ray = self._ray()
-        from ray.data import ActorPoolStrategy
+    def _plan_units(
+        self, rs: ResolvedStage, stage: Stage, up_plans: dict[str, StagePlan]
+    ) -> list[WorkUnit]:
+        wanted = stage.plan_inputs()
+        schemas = {**rs.cls.inputs, **rs.cls.optional_inputs}
+        inputs: dict[str, pa.Table] = {}
+        for table, ref in rs.refs.items():
+            if wanted is not None and table not in wanted:
+                continue
+            columns = wanted.get(table) if wanted is not None else None
+            src, tname = ref.split(".", 1)
+            try:
+                inputs[table] = self.rd.read_table(src, tname, plan=up_plans[src], columns=columns)
+            except CorruptData as exc:
+                self._quarantine(exc)
+                raise _Restart(exc.stage or src) from None
+            except ManifestError as exc:
+                raise StageError(
+                    f"stage {rs.name!r} cannot read its input {table!r}: {exc}"
+                ) from exc
+            need = columns if columns is not None else [f.name for f in schemas[table]]
+            missing = [c for c in need if c not in inputs[table].column_names]
+            if missing:
+                raise StageError(
+                    f"stage {rs.name!r}: input {table!r} from {ref} lacks columns {missing}"
+                )
+        return stage.plan(inputs)
 
+    def _quarantine(self, exc: CorruptData) -> None:
+        fp = exc.unit_fp
+        is_step = fp.startswith("step:")
+        fp = fp.removeprefix("step:")
+        log.warning("%s: recomputing it", exc)
+        self.on_event("corrupt", stage=exc.stage, detail=str(exc))
+        if exc.stage and fp:
+            self.rd.quarantine(exc.stage, fp, step=is_step)
+
+    # -- executing units and steps on actors ---------------------------------------------------
+    def _execute(
+        self,
+        rs: ResolvedStage,
+        stage: Stage,
+        plan: StagePlan,
+        units: list[WorkUnit],
+        unit_fps: list[str],
+        pending: list[tuple[WorkUnit, str]],
+        pending_steps: list[tuple[str, str]],
+        outcome: StageOutcome,
+    ) -> None:
+        ray = self._ray()
+        params = rs.params
         ctx = stage.ctx
-        rows = [encode_unit(u, fp) for u, fp in pending]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        size = max(1, min(params.workers, len(rows)))
-        ds = ds.map_batches(
-            UnitWorker,
-            fn_constructor_kwargs={
-                "stage_type": ctx.stage_type,
-                "params_json": params.model_dump_json(),
-                "ctx_json": ctx.to_json(),
-                "log_level": logging.getLogger("rankmill").getEffectiveLevel(),
-            },
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=size),
-            num_cpus=params.worker_cpus,
-            num_gpus=params.worker_gpus or None,
+        in_flight = max(1, int(rs.cls.max_units_in_flight))
+        pool_size = max(1, min(params.workers, len(pending) or 1))
+        # An endpoint's concurrency is split over the stage's actors: never more actors than
+        # the smallest endpoint allows in flight.
+        limits = [self.cfg.endpoints[e].max_concurrency for e in rs.endpoints]
+        if limits and pool_size > min(limits):
+            log.warning(
+                "stage %s: %d workers but its endpoint allows %d requests in flight; using %d",
+                rs.name,
+                pool_size,
+                min(limits),
+                min(limits),
+            )
+            pool_size = min(limits)
+        ctx.workers = pool_size
+        remote_opts: dict[str, Any] = {
+            "num_cpus": params.worker_cpus,
+            "num_gpus": params.worker_gpus or None,
+        }
+        if in_flight > 1:
+            remote_opts["max_concurrency"] = in_flight
+        actor_cls = ray.remote(StageActor).options(**remote_opts)
+        ctor = (
+            ctx.stage_type,
+            params.model_dump_json(),
+            ctx.to_json(),
+            logging.getLogger("rankmill").getEffectiveLevel(),
         )
-        if not log.isEnabledFor(logging.INFO):
-            # Ray Data reports every dataset it runs (its logging is set up on first use, so
-            # this goes after the dataset exists); the CLI shows its own progress.
-            for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-        failures: dict[str, str] = {}
-        try:
-            for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow"):
-                for r in batch.to_pylist():
-                    if not r["ok"]:
-                        failures[r["unit_id"]] = r["error"]
-                    self.on_event(
-                        "unit_done",
-                        stage=ctx.stage_name,
-                        unit_id=r["unit_id"],
-                        ok=r["ok"],
-                        error=r["error"],
-                    )
-        except Exception as exc:
-            raise StageError(
-                f"stage {ctx.stage_name!r} could not run on Ray: {type(exc).__name__}: "
-                f"{_short(str(exc))}. Committed units are kept; fix the cause and run again."
-            ) from exc
-        return dict(sorted(failures.items()))
+        self._actors = [actor_cls.remote(*ctor) for _ in range(pool_size)]
+        plan_json = plan.to_json()
+        pending_fps = {fp for _, fp in pending}
+        step_fp = dict(pending_steps)
+
+        def run_step(step: str) -> None:
+            if step not in step_fp:
+                return
+            self.on_event("step_start", stage=rs.name, step=step)
+            res = ray.get(self._actors[0].run_step.remote(step, step_fp[step], plan_json))
+            if not res["ok"]:
+                self._raise(rs.name, res["exc"], f"{step} step")
+            outcome.steps_run += 1
+            self.on_event("step_done", stage=rs.name, step=step)
+
+        run_step("prepare")
+        phases = sorted({u.phase for u in units}) or [0]
+        for phase in phases:
+            todo = [
+                (u, fp)
+                for u, fp in zip(units, unit_fps, strict=True)
+                if u.phase == phase and fp in pending_fps
+            ]
+            self._run_units(rs, todo, in_flight, outcome)
+            if outcome.failures:
+                raise UnitFailed(rs.name, outcome.failures)
+            if phase in rs.cls.aggregate_after:
+                run_step(f"aggregate-{phase}")
+        run_step("finalize")
+
+    def _run_units(
+        self,
+        rs: ResolvedStage,
+        todo: list[tuple[WorkUnit, str]],
+        in_flight: int,
+        outcome: StageOutcome,
+    ) -> None:
+        import ray
+
+        queue = list(reversed(todo))
+        load = [0] * len(self._actors)
+        running: dict[Any, tuple[int, WorkUnit]] = {}
+        fatal: BaseException | None = None
+        while queue or running:
+            while queue and fatal is None:
+                idx = min(range(len(load)), key=load.__getitem__)
+                if load[idx] >= in_flight:
+                    break
+                unit, fp = queue.pop()
+                ref = self._actors[idx].process.remote(unit, fp)
+                running[ref] = (idx, unit)
+                load[idx] += 1
+            if not running:
+                break
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                idx, unit = running.pop(ref)
+                load[idx] -= 1
+                try:
+                    res = ray.get(ref)
+                except Exception as exc:  # the actor died (killed, out of memory, ...)
+                    res = {"ok": False, "exc": StageError(f"worker died: {_short(str(exc))}")}
+                if res["ok"]:
+                    outcome.units_run += 1
+                    self.on_event("unit_done", stage=rs.name, unit_id=unit.unit_id, ok=True)
+                    continue
+                exc = res["exc"]
+                if isinstance(exc, CorruptData):
+                    # an input the unit read failed its checksum: recompute that upstream unit
+                    self._quarantine(exc)
+                    raise _Restart(exc.stage or rs.name)
+                if getattr(exc, "fatal", False):
+                    fatal = fatal or exc
+                    # Stop everything now: no worker sends another request.
+                    self._stop_actors(graceful=False)
+                    running.clear()
+                    break
+                outcome.failures[unit.unit_id] = f"{type(exc).__name__}: {exc}"
+                self.on_event(
+                    "unit_done",
+                    stage=rs.name,
+                    unit_id=unit.unit_id,
+                    ok=False,
+                    error=outcome.failures[unit.unit_id],
+                )
+        if fatal is not None:
+            self._raise(rs.name, fatal, "a unit")
+        outcome.failures = dict(sorted(outcome.failures.items()))
+
+    def _raise(self, stage: str, exc: BaseException, where: str) -> None:
+        if isinstance(exc, BudgetExceeded):
+            raise BudgetExceeded(
+                f"stage {stage!r} stopped at the run's budget ({exc}); committed work is kept. "
+                "Raise run.budget.max_cost_usd / max_requests and run again to resume."
+            )
+        if isinstance(exc, RankmillError) and exc.fatal:
+            raise exc
+        raise StageError(f"stage {stage!r}: {where} failed: {type(exc).__name__}: {exc}")
+
+    def _stop_actors(self, graceful: bool = True) -> None:
+        if not self._actors:
+            return
+        import ray
+
+        if graceful:
+            with contextlib.suppress(Exception):
+                ray.get([a.teardown.remote() for a in self._actors], timeout=30)
+        for a in self._actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        self._actors = []
 
     # -- services ------------------------------------------------------------------------------
     def _ray(self) -> Any:
@@ -468,13 +722,10 @@ class Runner:
                     kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 2**20
                 ray.init(address="local", **kwargs)
             self._ray_started_here = True
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            ctx.print_on_execution_start = False
         return ray
 
-    def _start_services(self, stage: Stage) -> None:
-        for ep_name in stage.endpoints_used():
+    def _start_services(self, rs: ResolvedStage) -> None:
+        for ep_name in rs.endpoints:
             ep = self.cfg.endpoints.get(ep_name)
             if ep is None or not ep.local or ep_name in self._services:
                 continue
@@ -484,13 +735,14 @@ class Runner:
             server = start_local_server(ep, log_dir=self.rd.path("logs"))
             self._services[ep_name] = server
             self._endpoint_urls[ep_name] = server.base_url
-        if stage.endpoints_used():
+        if rs.endpoints:
             # Run-wide LLM rate limits and budget live in one named Ray actor per run.
             from rankmill.llm.limits import ensure_run_services
 
             self._shared.update(ensure_run_services(self.cfg, self.rd.uri, self._ray()))
 
     def close(self) -> None:
+        self._stop_actors(graceful=False)
         for name, server in list(self._services.items()):
             with contextlib.suppress(Exception):
                 server.stop()
@@ -502,6 +754,15 @@ class Runner:
             with contextlib.suppress(Exception):
                 ray.shutdown()
             self._ray_started_here = False
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()
 
 
 def _pythonpath() -> str:

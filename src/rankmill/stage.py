@@ -1,24 +1,49 @@
-"""The Stage contract.
+"""The Stage contract: how a stage is written.
 
 A stage is a class with:
 
 - ``name`` (its type, as pipelines name it), ``version`` (bump it when outputs change for the
-  same inputs), and ``Params`` (a :class:`rankmill.config.StageParams` subclass);
+  same inputs), and ``Params`` (a :class:`rankmill.config.StageParams` subclass; params that
+  change no output, such as unit sizes, are listed in its ``not_fingerprinted``);
 - ``inputs`` / ``optional_inputs``: the Arrow schemas of the tables it reads, by table name;
 - ``outputs``: the Arrow schemas of the tables it writes (``rejects`` is always added);
-- ``prompts``: the names of the ``prompts/<name>.j2`` templates it renders (hashed into its
-  fingerprint, so editing a prompt re-runs the stage);
+- ``prompt_texts()``: the ``prompts/<name>.j2`` templates it renders, read on the driver,
+  hashed into its fingerprint and sent to the workers, which read them with
+  :meth:`Stage.prompt_text` (a worker never looks a prompt up itself, so the text it renders
+  is the text that was hashed);
+- ``endpoints_used()``: every LLM endpoint it calls (each is started when local,
+  rate-limited, accounted, and fingerprinted by its answer-relevant settings);
 - ``plan(inputs)``: split the inputs into :class:`WorkUnit` s, deterministically (same input
-  and params, same units and keys), on the driver;
+  and params, same units and keys), on the driver; a unit may carry a ``phase``;
 - ``setup()``: build expensive state once per Ray actor (models, clients, indexes);
-- ``process(unit)``: turn one unit into output tables and counters, on a Ray actor.
+- ``process(unit)``: turn one unit into output tables and counters, on a Ray actor;
+- ``teardown()``: release what ``setup`` built (called when the stage's actors finish).
+
+Stage-wide steps, each optional, each run once on a Ray worker with the stage's resources and
+committed and fingerprinted like a unit (a re-run skips a committed step):
+
+- ``prepare(step)``: before any unit, with all inputs in reach (one index or one set of
+  embeddings built once for every worker);
+- ``aggregate(phase, step)``: after every unit of ``phase`` is committed, for each phase listed
+  in ``aggregate_after`` (judge accuracies fitted on a calibration phase, then used by the
+  units of the next phase);
+- ``finalize(step)``: after every unit (shards and a card written once).
+
+A step returns a :class:`StepOutput` (tables and files); units read it with
+:meth:`Stage.step_table` / :meth:`Stage.step_file`, later steps with the same methods of their
+:class:`StepContext`. A step table named in ``outputs`` is part of that output table for later
+stages too.
+
+The fingerprint of a stage is a hash of its type, version, fingerprinted params, rendered
+prompt texts, the run seed, the settings of the endpoints it uses, its ``fingerprint_extra()``
+(e.g. input file hashes) and the committed content of its upstream stages. A re-run skips every
+unit and step committed under the current fingerprint; resume is running again.
 
 Every input row ends up in an output table or in ``rejects`` with a reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,16 +54,35 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from rankmill.config import EndpointConfig, StageParams
-from rankmill.manifest import Counters, RunDir
+from rankmill.errors import ManifestError, StageError
+from rankmill.hashing import content_key, table_key
+from rankmill.manifest import Counters, RunDir, StagePlan
 from rankmill.schemas import REJECTS
+
+__all__ = [
+    "Stage",
+    "StageContext",
+    "StepContext",
+    "StepOutput",
+    "UnitOutput",
+    "WorkUnit",
+    "chunk_units",
+    "content_key",
+    "load_prompt",
+    "rejects_table",
+    "table_key",
+]
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # a source checkout's prompts/
 
+# Set in every Ray worker that runs stage code: workers never look prompts up themselves.
+WORKER_ENV = "RANKMILL_STAGE_WORKER"
+
 
 def prompt_dirs() -> list[Path]:
-    """Where prompt templates are looked up, first match wins: $RANKMILL_PROMPTS_DIR (your
-    own templates), the checkout's prompts/, and the copy a wheel install puts under
-    <prefix>/share/rankmill/prompts."""
+    """Where prompt templates are looked up on the driver, first match wins:
+    $RANKMILL_PROMPTS_DIR (your own templates), the checkout's prompts/, and the copy a wheel
+    install puts under <prefix>/share/rankmill/prompts."""
     dirs = []
     if os.environ.get("RANKMILL_PROMPTS_DIR"):
         dirs.append(Path(os.environ["RANKMILL_PROMPTS_DIR"]).expanduser())
@@ -49,17 +93,28 @@ def prompt_dirs() -> list[Path]:
 
 @dataclass
 class WorkUnit:
-    """One deterministic slice of a stage's work."""
+    """One deterministic slice of a stage's work. Units of a later ``phase`` run after every
+    unit of the earlier phases (and the aggregate steps between them) is committed."""
 
     unit_id: str
     key: str
     tables: dict[str, pa.Table] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    phase: int = 0
 
 
 @dataclass
 class UnitOutput:
     tables: dict[str, pa.Table]
+    counters: Counters = field(default_factory=Counters)
+
+
+@dataclass
+class StepOutput:
+    """What a stage-wide step produced: tables, and files it wrote (name -> local path)."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
 
 
@@ -78,6 +133,11 @@ class StageContext:
     shared: dict[str, Any] = field(default_factory=dict)  # run-wide services (limiter names...)
     budget: dict[str, Any] = field(default_factory=dict)
     workers: int = 1  # actors running this stage at once (they share endpoint concurrency)
+    prompts: dict[str, str] = field(default_factory=dict)  # template name -> text (driver's)
+    run_id: str = ""  # the run holding the run dir's lock ("" outside a locked run)
+    # upstream stage -> its plan's fingerprint, the plan this stage's fingerprint was built from
+    upstream_fps: dict[str, str] = field(default_factory=dict)
+    steps: dict[str, str] = field(default_factory=dict)  # step name -> step fingerprint
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -94,11 +154,24 @@ class StageContext:
             raise KeyError(f"no endpoint {name!r}")
         return EndpointConfig.model_validate(self.endpoints[name])
 
-    def read_input(self, name: str) -> pa.Table:
-        """Read a whole upstream table (for side inputs a worker needs, e.g. the corpus)."""
+    def _upstream_plan(self, stage: str) -> StagePlan:
+        plan = self.rundir().read_plan(stage)
+        want = self.upstream_fps.get(stage)
+        if plan is None or (want is not None and plan.fingerprint != want):
+            raise ManifestError(
+                f"stage {self.stage_name!r}: its input stage {stage!r} changed while it ran "
+                "(another run re-planned it); run the pipeline again"
+            )
+        return plan
+
+    def read_input(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Read a whole upstream table (for side inputs a worker needs, e.g. the corpus),
+        through the upstream plan this stage's fingerprint was built from."""
         ref = self.input_refs[name]
         stage, table = ref.split(".", 1)
-        return self.rundir().read_table(stage, table)
+        return self.rundir().read_table(
+            stage, table, plan=self._upstream_plan(stage), columns=columns
+        )
 
     def has_input(self, name: str) -> bool:
         return name in self.input_refs
@@ -106,6 +179,87 @@ class StageContext:
     def resolve_path(self, path: str) -> str:
         p = Path(path).expanduser()
         return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
+
+    # -- outputs of this stage's own steps ----------------------------------------------------
+    def _step_record(self, step: str) -> Any:
+        fp = self.steps.get(step)
+        rec = self.rundir().committed(self.stage_name, fp, step=True) if fp else None
+        if rec is None:
+            raise StageError(
+                f"stage {self.stage_name!r}: step {step!r} has no committed output "
+                f"(steps: {sorted(self.steps) or 'none'})"
+            )
+        return rec
+
+    def step_table(self, step: str, table: str) -> pa.Table:
+        rec = self._step_record(step)
+        out = self.rundir().read_unit_table(rec, table, step=True)
+        if out is None:
+            raise StageError(f"stage {self.stage_name!r}: step {step!r} wrote no table {table!r}")
+        return out
+
+    def step_file(self, step: str, name: str, local_dir: str | None = None) -> str:
+        """A local path to a file a step wrote (copied out of an object-store run dir)."""
+        rd = self.rundir()
+        rec = self._step_record(step)
+        entry = rec.file(name)
+        if entry is None:
+            raise StageError(f"stage {self.stage_name!r}: step {step!r} wrote no file {name!r}")
+        if rd.local:
+            rd.read_file(rec, name)  # verifies the sha256
+            return rd.path(entry.path)
+        import tempfile
+
+        target_dir = local_dir or os.path.join(tempfile.gettempdir(), "rankmill-steps")
+        target = os.path.join(target_dir, entry.sha256, name)
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(rd.read_file(rec, name))
+            os.replace(tmp, target)
+        return target
+
+
+@dataclass
+class StepContext:
+    """What a stage-wide step sees: its stage's context, a local folder for the files it
+    writes, the stage's inputs and its own committed outputs so far."""
+
+    ctx: StageContext
+    work_dir: str
+    plan: StagePlan | None = None
+
+    def read_input(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        return self.ctx.read_input(name, columns)
+
+    def has_input(self, name: str) -> bool:
+        return self.ctx.has_input(name)
+
+    def read_output(self, table: str, phases: list[int] | None = None) -> pa.Table | None:
+        """This stage's committed unit outputs of ``table`` (units of ``phases``, default all),
+        in plan order; None when no unit wrote that table."""
+        rd = self.ctx.rundir()
+        plan = self.plan or rd.read_plan(self.ctx.stage_name)
+        if plan is None:
+            return None
+        parts = []
+        for i, (_, fp) in enumerate(plan.units):
+            if phases is not None and plan.phase_of(i) not in phases:
+                continue
+            rec = rd.committed(self.ctx.stage_name, fp)
+            if rec is None:
+                continue
+            t = rd.read_unit_table(rec, table)
+            if t is not None:
+                parts.append(t)
+        return pa.concat_tables(parts, promote_options="default") if parts else None
+
+    def step_table(self, step: str, table: str) -> pa.Table:
+        return self.ctx.step_table(step, table)
+
+    def step_file(self, step: str, name: str) -> str:
+        return self.ctx.step_file(step, name)
 
 
 class Stage:
@@ -118,6 +272,12 @@ class Stage:
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {}
     outputs: ClassVar[dict[str, pa.Schema]] = {}
     prompts: ClassVar[tuple[str, ...]] = ()
+    # Phases after whose units ``aggregate`` runs.
+    aggregate_after: ClassVar[tuple[int, ...]] = ()
+    # Units one actor may process at once (threads sharing its setup(): its gateway keeps
+    # the endpoint busy across unit boundaries). Only for stages whose process() is
+    # thread-safe.
+    max_units_in_flight: ClassVar[int] = 1
 
     def __init__(self, params: StageParams, ctx: StageContext):
         self.params = params
@@ -129,8 +289,8 @@ class Stage:
         return {**cls.outputs, "rejects": REJECTS}
 
     def fingerprint_extra(self) -> dict[str, Any]:
-        """Anything beyond params, prompts and upstream that determines outputs (e.g. the
-        content hash of input files). Runs on the driver."""
+        """Anything beyond params, prompts, seed, endpoints and upstream that determines
+        outputs (e.g. the content hash of input files). Runs on the driver."""
         return {}
 
     def endpoints_used(self) -> list[str]:
@@ -139,10 +299,21 @@ class Stage:
         ep = getattr(self.params, "endpoint", None)
         if isinstance(ep, str):
             names.append(ep)
+        for list_name in ("endpoints", "judges"):
+            for item in getattr(self.params, list_name, None) or []:
+                name = item if isinstance(item, str) else getattr(item, "endpoint", None)
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
         return names
 
     def prompt_texts(self) -> dict[str, str]:
+        """The templates this stage renders, by name (read on the driver)."""
         return {name: load_prompt(name) for name in self.prompts}
+
+    def plan_inputs(self) -> dict[str, list[str] | None] | None:
+        """The input tables (and columns; None = all) ``plan`` needs; None = every input,
+        whole. Planning reads only these, so the driver never holds what it does not use."""
+        return None
 
     def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
         raise NotImplementedError
@@ -157,35 +328,62 @@ class Stage:
     def teardown(self) -> None:
         """Release what setup() built."""
 
+    def prompt_text(self, name: str) -> str:
+        """The text of template ``name`` as the driver read and hashed it."""
+        if name not in self.ctx.prompts:
+            raise StageError(
+                f"stage {self.ctx.stage_name!r} renders prompt {name!r}, which its "
+                f"prompt_texts() does not list (it lists {sorted(self.ctx.prompts)})"
+            )
+        return self.ctx.prompts[name]
+
+    def step_table(self, step: str, table: str) -> pa.Table:
+        return self.ctx.step_table(step, table)
+
+    def step_file(self, step: str, name: str) -> str:
+        return self.ctx.step_file(step, name)
+
+    # -- stage-wide steps (optional) -------------------------------------------------------------
+    def prepare(self, step: StepContext) -> StepOutput | None:
+        """Once, before any unit; see the module docstring."""
+        return None
+
+    def aggregate(self, phase: int, step: StepContext) -> StepOutput | None:
+        """Once after every unit of ``phase`` (for phases in ``aggregate_after``)."""
+        return None
+
+    def finalize(self, step: StepContext) -> StepOutput | None:
+        """Once, after every unit."""
+        return None
+
+    @classmethod
+    def step_names(cls, phases: list[int]) -> list[str]:
+        """The stage-wide steps this stage runs, in order, given its units' phases."""
+        names = []
+        if cls.prepare is not Stage.prepare:
+            names.append("prepare")
+        if cls.aggregate is not Stage.aggregate:
+            names += [f"aggregate-{p}" for p in cls.aggregate_after]
+        if cls.finalize is not Stage.finalize:
+            names.append("finalize")
+        return names
+
 
 def load_prompt(name: str) -> str:
-    """The text of prompt template ``<name>.j2`` (see :func:`prompt_dirs`)."""
+    """The text of prompt template ``<name>.j2`` (see :func:`prompt_dirs`). Driver only."""
+    if os.environ.get(WORKER_ENV):
+        raise StageError(
+            f"prompt {name!r} looked up on a worker: stages read prompts with "
+            "self.prompt_text(name), the driver's text, so the rendered text is the hashed one"
+        )
     for d in prompt_dirs():
         path = d / f"{name}.j2"
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    from rankmill.errors import StageError
-
     raise StageError(
         f"prompt template {name}.j2 not found in {', '.join(str(d) for d in prompt_dirs())}; "
         "set RANKMILL_PROMPTS_DIR to the folder that holds it"
     )
-
-
-def content_key(*parts: Any) -> str:
-    """A stable hash of plain values (lists of ids, dicts)."""
-    data = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(data.encode()).hexdigest()
-
-
-def table_key(table: pa.Table) -> str:
-    """A stable hash of a table's content (schema and values, not its memory layout)."""
-    h = hashlib.sha256()
-    h.update(str(table.schema).encode())
-    for batch in table.combine_chunks().to_batches(max_chunksize=4096):
-        for col in batch.columns:
-            h.update(json.dumps(col.to_pylist(), default=str, ensure_ascii=False).encode())
-    return h.hexdigest()
 
 
 def chunk_units(table: pa.Table, rows_per_unit: int, name: str = "rows") -> list[WorkUnit]:

@@ -1,6 +1,18 @@
 """What a run directory holds: per-stage progress, counters, and whether the run is complete.
 
-``run_status(run_dir)`` returns plain data; ``rankmill status`` prints it.
+``run_status(run_dir)`` returns plain data; ``rankmill status`` prints it. A stage is
+
+- ``not run``: no plan;
+- ``partial``: planned, some units or steps not committed;
+- ``stale``: its plan was built for another fingerprint than the run's latest, or from
+  upstream content that has changed since (an upstream stage was recomputed);
+- ``complete``: every unit and step committed under the current fingerprint.
+
+A stage whose rejects exceed ``reject_share`` (default 0.5) of its input rows is ``flagged``,
+with its top reasons: a run that "completed" by rejecting everything is not a success.
+``verify=True`` also checks every committed file against its record (sha256).
+
+Exit codes of ``rankmill status`` (and ``rankmill run``), documented in the README:
 """
 
 from __future__ import annotations
@@ -13,8 +25,32 @@ from rankmill.manifest import Counters, RunDir
 
 _MODEL_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
 
+# Exit codes shared by `rankmill status` and `rankmill run`.
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # status: a stage is not complete; run: a stage failed (units kept)
+EXIT_USAGE = 2  # invalid config, options or input data
+EXIT_CORRUPT = 3  # the run dir is unreadable or a committed file fails its checksum
+EXIT_FLAGGED = 4  # --strict: a stage rejected more than its share of rows
+EXIT_BUDGET = 5  # run: stopped at the run's budget (raise it and run again)
+EXIT_LOCKED = 6  # run: another run holds the run dir
+EXIT_INTERRUPTED = 130  # run: Ctrl-C / SIGTERM
 
-def run_status(run_dir: str) -> dict[str, Any]:
+__doc__ = (__doc__ or "") + "\n".join(
+    f"    {code:>3}  {name}"
+    for name, code in (
+        ("complete / success", EXIT_OK),
+        ("incomplete (status) or a stage failed (run)", EXIT_INCOMPLETE),
+        ("invalid config, options or data", EXIT_USAGE),
+        ("corrupt or unreadable run dir", EXIT_CORRUPT),
+        ("a stage rejected more than its share (with --strict)", EXIT_FLAGGED),
+        ("stopped at the budget", EXIT_BUDGET),
+        ("the run dir is locked by another run", EXIT_LOCKED),
+        ("interrupted", EXIT_INTERRUPTED),
+    )
+)
+
+
+def run_status(run_dir: str, verify: bool = False, reject_share: float = 0.5) -> dict[str, Any]:
     rd = RunDir(run_dir)
     pipeline = rd.read_pipeline()
     if pipeline is None:
@@ -22,25 +58,47 @@ def run_status(run_dir: str) -> dict[str, Any]:
     fps = pipeline.get("fingerprints", {})
     stages = []
     complete = True
+    corrupt: list[str] = []
+    plans: dict[str, Any] = {}
     for name in pipeline["stages"]:
-        plan, recs = rd.stage_status(name)
+        plan = rd.read_plan(name)
+        plans[name] = plan
         total = Counters()
         committed = 0
-        for r in recs:
-            if r is not None:
-                committed += 1
-                total.add(r.counters)
+        steps_committed = 0
+        if plan is not None:
+            have = rd.committed_fps(name)
+            have_steps = rd.committed_fps(name, step=True) if plan.steps else set()
+            for _, fp in plan.units:
+                if fp in have:
+                    rec = rd.committed(name, fp)
+                    if rec is None:
+                        corrupt.append(f"{rd.record_path(name, fp)}: unreadable commit record")
+                        continue
+                    committed += 1
+                    total.add(rec.counters)
+            for _, fp in plan.steps:
+                if fp in have_steps:
+                    rec = rd.committed(name, fp, step=True)
+                    if rec is not None:
+                        steps_committed += 1
+                        total.add(_step_counters(rec.counters))
         last = rd.read_text(rd.path("stages", name, "last_run.json"))
-        wall = json.loads(last)["wall_seconds"] if last else 0.0
+        try:
+            wall = json.loads(last)["wall_seconds"] if last else 0.0
+        except (ValueError, KeyError):
+            wall = 0.0
         if plan is None:
             state = "not run"
-        elif plan.fingerprint != fps.get(name):
+        elif plan.fingerprint != fps.get(name) or _upstream_changed(rd, plan, plans):
             state = "stale"
-        elif committed == len(plan.units):
+        elif committed == len(plan.units) and steps_committed == len(plan.steps):
             state = "complete"
         else:
             state = "partial"
         complete = complete and state == "complete"
+        if verify and plan is not None:
+            corrupt.extend(rd.verify_stage(name))
         models: dict[str, dict[str, float]] = {}
         other: dict[str, float] = {}
         for key, value in total.extra.items():
@@ -50,15 +108,24 @@ def run_status(run_dir: str) -> dict[str, Any]:
                 models.setdefault(model, {})[fld] = value
             else:
                 other[key] = value
+        n_rejects = sum(total.rejects.values())
+        share = n_rejects / total.rows_in if total.rows_in else 0.0
+        flagged = n_rejects > 0 and share > reject_share
+        top = sorted(total.rejects.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         stages.append(
             {
                 "stage": name,
                 "state": state,
                 "units_total": len(plan.units) if plan else 0,
                 "units_committed": committed,
+                "steps_total": len(plan.steps) if plan else 0,
+                "steps_committed": steps_committed,
                 "rows_in": total.rows_in,
                 "rows_out": total.rows_out,
                 "rejects": total.rejects,
+                "reject_share": round(share, 4),
+                "flagged": flagged,
+                "top_reasons": top,
                 "llm_calls": total.llm_calls,
                 "llm_cached": total.llm_cached,
                 "prompt_tokens": total.prompt_tokens,
@@ -73,5 +140,46 @@ def run_status(run_dir: str) -> dict[str, Any]:
     return {
         "run_name": pipeline.get("run", {}).get("name", ""),
         "complete": complete,
+        "flagged": [s["stage"] for s in stages if s["flagged"]],
+        "corrupt": corrupt,
         "stages": stages,
     }
+
+
+def _step_counters(c: Counters) -> Counters:
+    # A step's rows are a summary of the units' rows, not more input: count its calls, cost
+    # and extras, not its rows.
+    return Counters(
+        rejects=dict(c.rejects),
+        llm_calls=c.llm_calls,
+        llm_cached=c.llm_cached,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        cost_usd=c.cost_usd,
+        seconds=c.seconds,
+        extra=dict(c.extra),
+    )
+
+
+def _upstream_changed(rd: RunDir, plan: Any, plans: dict[str, Any]) -> bool:
+    """Whether an upstream stage's committed content is no longer what this plan was built
+    from."""
+    for up, digest in (plan.upstream_digests or {}).items():
+        up_plan = plans.get(up) or rd.read_plan(up)
+        if up_plan is None:
+            return True
+        try:
+            if rd.content_digest(up, up_plan) != digest:
+                return True
+        except ManifestError:
+            return True
+    return False
+
+
+def reject_summary(stage: dict[str, Any]) -> str:
+    """One line for a flagged stage: its share and its top reasons."""
+    reasons = ", ".join(f"{r} {n:,}" for r, n in stage["top_reasons"])
+    return (
+        f"stage {stage['stage']!r} rejected {stage['reject_share']:.0%} of its "
+        f"{stage['rows_in']:,} input rows (top reasons: {reasons})"
+    )

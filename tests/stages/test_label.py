@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -291,8 +292,8 @@ def _pipeline(endpoint: dict, source: dict | None = None, **label: object) -> di
 
 def _run(raw: dict, run_dir) -> tuple:
     """Run the pipeline; return the runner's result, the run dir, labels and rejects."""
-    from rankmill.config import validate_pipeline
     from rankmill.manifest import RunDir
+    from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
 
     result = Runner(validate_pipeline(raw), str(run_dir)).run()
@@ -333,7 +334,7 @@ def _counters(rd, stage: str):
 
 @pytest.mark.slow
 def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_session) -> None:
-    from rankmill.config import validate_pipeline
+    from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
     from tests.fixtures.openai_server import FakeOpenAIServer
 
@@ -371,8 +372,13 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
         sent = sum(srv.stats()["completed"].values())
         assert sent == 34
 
-        # Re-planned units (another split) ask the same questions: all answered by the journal.
+        # Another unit size changes no output: the complete stage is not run again.
         raw["stages"]["label"]["rows_per_unit"] = 5
+        assert Runner(validate_pipeline(raw), str(run_dir)).run().units_run == 0
+        assert rd.read_table("label", "labels").to_pylist() == labels
+        # Re-planned units (another split, committed records lost) ask the same questions:
+        # all answered by the journal.
+        shutil.rmtree(run_dir / "stages" / "label" / "units")
         Runner(validate_pipeline(raw), str(run_dir)).run()
         assert sum(srv.stats()["completed"].values()) == sent
         again = rd.read_table("label", "labels").to_pylist()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from rankmill.config import validate_pipeline
 from rankmill.manifest import RunDir
+from rankmill.pipeline import validate_pipeline
 from rankmill.runner import Runner
 from rankmill.schemas import CANDIDATES, NEGATIVES
 from rankmill.stages.mine import MineParams, unit_queries

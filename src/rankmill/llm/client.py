@@ -421,8 +421,9 @@ class Gateway:
         ep = ctx.endpoint(endpoint_name)
         workers = max(1, int(getattr(ctx, "workers", 1) or 1))
         if workers > 1:
-            # max_concurrency is the endpoint's: the stage's actors share it evenly.
-            share = max(1, -(-ep.max_concurrency // workers))
+            # max_concurrency is the endpoint's: the stage's actors share it, rounding down so
+            # that together they never exceed it (the runner starts no more actors than it).
+            share = max(1, ep.max_concurrency // workers)
             ep = ep.model_copy(update={"max_concurrency": share})
         return cls(
             ep,

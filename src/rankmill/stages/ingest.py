@@ -105,6 +105,10 @@ class Policies(Model):
 
 
 class IngestParams(StageParams):
+    not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {
+        "max_findings_logged"
+    }
+
     source: str = Field(..., description="Folder (beir, hf) or corpus file (jsonl, parquet).")
     format: Literal["auto", "beir", "jsonl", "parquet", "hf"] = Field(
         "auto", description="Source format; auto detects beir and hf folders."

@@ -174,6 +174,8 @@ def label_messages(
 class LabelParams(StageParams):
     """Params of the ``label`` stage."""
 
+    not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {"rows_per_unit"}
+
     endpoint: str = Field(..., description="Name of the LLM endpoint (under endpoints:) to ask.")
     prompt: str = Field(
         "label",
@@ -275,7 +277,7 @@ class LabelStage(Stage):
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
-        self._template = load_prompt(self.params.prompt)
+        self._template = self.prompt_text(self.params.prompt)
         self._endpoint = self.ctx.endpoint(self.params.endpoint)
         self._gw = Gateway.from_context(self.ctx, self.params.endpoint)
 
