@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The judged collections (never copied into the repo); RANKMILL_TEST_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("RANKMILL_TEST_DATA") or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def _emb(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
 
 def test_flat_index_is_exact_and_pads_past_the_corpus():
     docs, qs = _emb(50), _emb(5, seed=1)
-    idx = DenseIndex(IndexParams(use_gpu="never")).build(docs, chunk=7)
+    idx = DenseIndex(IndexParams()).build(docs, chunk=7)
     scores, ids = idx.search(qs, k=60)
     truth = np.argsort(-(qs @ docs.T), axis=1)
     assert (ids[:, :50] == truth).all()
@@ -48,7 +48,7 @@ def test_flat_index_is_exact_and_pads_past_the_corpus():
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_most_true_neighbours(kind):
     docs, qs = _emb(2000), _emb(20, seed=2)
-    idx = DenseIndex(IndexParams(kind=kind, nprobe=16, use_gpu="never")).build(docs)
+    idx = DenseIndex(IndexParams(kind=kind, nprobe=16)).build(docs)
     _, ids = idx.search(qs, k=10)
     truth = np.argsort(-(qs @ docs.T), axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rankmill.retrieval.bm25 import BM25Index
+from rankmill.retrieval.cache import EmbeddingCache
 from rankmill.retrieval.dense import DenseEncoder
-from rankmill.retrieval.miner import MineQuery, Miner, MiningParams, doc_text
+from rankmill.retrieval.miner import MineQuery, Miner, MiningParams, doc_text, ensure_corpus_index
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +115,7 @@ def test_results_do_not_depend_on_batching(tmp_path):
     assert together == apart
 
 
-def test_bm25_only_and_minmax_fusion(tmp_path):
+def test_minmax_fusion(tmp_path):
     p = MiningParams(
         num_negatives=2, pool_size=4, fusion="minmax", filters={"max_relative_score": None}
     )
@@ -121,13 +123,53 @@ def test_bm25_only_and_minmax_fusion(tmp_path):
     m.index_corpus(IDS, None, TEXTS)
     [r] = m.mine([MineQuery("q", "bread dough yeast", ["bread0"])])
     assert r.candidate_ids[0] in {"bread0", "bread1", "bread2"}
-    with pytest.raises(ValueError):
-        MiningParams(retrievers=["bm25"])  # negatives come from dense by default
-    p = MiningParams(retrievers=["bm25"], negatives_from="fused", num_negatives=2)
-    m = Miner(p, cache_dir=None, seed=1)
-    m.index_corpus(IDS, None, TEXTS)
-    [r] = m.mine([MineQuery("q", "bread dough yeast", ["bread0"])])
-    assert set(r.retrievers) == {"bm25"} and r.negative_ids
+
+
+def test_bm25_only_loads_no_dense_model_and_margins_on_bm25_scores(tmp_path):
+    p = MiningParams(retrievers=["bm25"], num_negatives=3, pool_size=6)
+    assert p.negatives_from == "fused" and p.score_kind() == "bm25"
+    m = Miner(p, cache_dir=str(tmp_path / "emb"), seed=1)
+    assert m.encoder is None
+    m.index_corpus(IDS, None, TEXTS, root=str(tmp_path / "idx"))
+    assert m.emb is None and m.dense is None
+    [folder] = [f for f in (tmp_path / "idx").iterdir() if f.is_dir()]
+    assert not (folder / "embeddings.npy").exists()
+    query = "bee hive honey from the colony"
+    [r] = m.mine([MineQuery("q", query, ["bees0"])])
+    direct = BM25Index().build(TEXTS).all_scores([query])[0]
+    assert r.positive_scores == pytest.approx([direct[IDS.index("bees0")]])
+    assert r.negative_ids and r.negative_scores == pytest.approx(
+        [direct[IDS.index(d)] for d in r.negative_ids]
+    )
+    pos = r.positive_scores[0]
+    assert max(r.negative_scores) <= pos - 0.05 * abs(pos) + 1e-6
+    assert set(r.retrievers) == {"bm25"} and set(r.dense_scores) == {None}
+    ranked = [IDS[i] for i in np.argsort(-direct, kind="stable") if direct[i] > 0]
+    assert r.candidate_ids == ranked[:6]
+    with pytest.raises(ValueError, match="negatives_from"):
+        MiningParams(retrievers=["bm25"], negatives_from="dense")
+    with pytest.raises(ValueError, match="max_positive_similarity"):
+        MiningParams(retrievers=["bm25"], filters={"max_positive_similarity": 0.9})
+
+
+def test_corpus_index_is_built_once_and_memory_mapped(tmp_path):
+    p = MiningParams(num_negatives=2)
+    enc = DenseEncoder()
+    full = [doc_text(None, t) for t in TEXTS]
+    cache = EmbeddingCache(str(tmp_path / "emb"))
+    folder, built = ensure_corpus_index(p, IDS, full, str(tmp_path / "idx"), enc, cache, 7)
+    again, built_again = ensure_corpus_index(p, IDS, full, str(tmp_path / "idx"), enc, cache, 7)
+    assert (built, built_again) == (True, False) and folder == again
+    a, b = Miner(p, seed=7, encoder=enc), Miner(p, seed=7, encoder=enc)
+    a.load_index(folder)
+    b.load_index(folder)
+    assert isinstance(a.emb, np.memmap) and a.emb.filename == b.emb.filename
+    assert isinstance(a.bm25._retriever.scores["data"], np.memmap)
+    q = [MineQuery("q", "how do bees make honey", ["bees0"])]
+    assert a.mine(q)[0].negative_ids == b.mine(q)[0].negative_ids
+    # Another corpus, another folder.
+    other, _ = ensure_corpus_index(p, IDS[:-1], full[:-1], str(tmp_path / "idx"), enc, cache, 7)
+    assert other != folder
 
 
 def test_doc_text_adds_a_title_once():

@@ -4,6 +4,7 @@ tables, rejects, counters, resume, and that a second mine stage reuses cached em
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -148,3 +149,67 @@ def test_mine_stage_end_to_end(tmp_path, ray_session):
     assert sum(r.counters.extra.get("embedded_docs", 0) for r in recs if r) == 0
     negs1 = rd.read_table("mine_top1", "negatives", NEGATIVES).to_pylist()
     assert all(len(r["negative_ids"]) == 1 for r in negs1)
+
+
+def test_params_that_change_no_output_stay_out_of_the_fingerprint(tmp_path):
+    def fp(**mine) -> str:
+        cfg = validate_pipeline(pipeline(tmp_path, **mine))
+        return Runner(cfg, str(tmp_path / "run")).fingerprints()["mine"]
+
+    base = fp()
+    same = {
+        "queries_per_unit": 1,
+        "batch_size": 8,
+        "search_batch": 2,
+        "embedding_cache": False,
+        "embed_threads": 1,
+        "cache_dir": str(tmp_path / "elsewhere"),
+        "worker_cpus": 2,
+        "workers": 2,
+    }
+    for key, value in same.items():
+        assert fp(**{key: value}) == base, key
+    assert fp(worker_gpus=0.0) == base  # CPU placement, as the default here
+    # Embedding on a GPU gives other low bits: the placement is part of the fingerprint.
+    assert fp(worker_gpus=1.0) != base
+    assert fp(num_negatives=2) != base
+    assert MineParams.not_fingerprinted <= set(MineParams.model_fields)
+
+
+def test_embedding_threads_follow_the_actor_cpus():
+    assert MineParams(worker_cpus=3).threads() == 3
+    assert MineParams(worker_cpus=3, embed_threads=1).threads() == 1
+    cpus = os.cpu_count() or 1
+    assert MineParams().threads() == cpus  # alone on the machine: all of it
+    assert MineParams(workers=2).threads() == max(1, cpus // 2)
+
+
+@pytest.mark.slow
+def test_bm25_only_stage_on_a_corpus_with_repeated_ids(tmp_path, ray_session):
+    raw = pipeline(tmp_path, retrievers=["bm25"], filters={"max_relative_score": 0.95})
+    corpus = beir(tmp_path) / "corpus.jsonl"
+    # ingest keeps a repeated id (policy keep): mine uses its first row
+    with corpus.open("a") as f:
+        f.write(json.dumps({"_id": "b2", "title": "", "text": "A second text under b2."}) + "\n")
+    raw["stages"]["ingest"]["policies"] = {"duplicate_id": "keep"}
+    run_dir = tmp_path / "run"
+    Runner(validate_pipeline(raw), str(run_dir)).run()
+    rd = RunDir(str(run_dir))
+    assert rd.read_table("ingest", "corpus").num_rows == len(DOCS) + 1
+    negs = rd.read_table("mine", "negatives", NEGATIVES).to_pylist()
+    cands = rd.read_table("mine", "candidates", CANDIDATES).to_pylist()
+    assert negs and all(r["score_kind"] == "bm25" for r in negs)
+    for r in negs:
+        pos = min(r["positive_scores"])
+        assert max(r["negative_scores"]) <= pos - 0.05 * abs(pos) + 1e-6
+    assert all(set(c["retrievers"]) == {"bm25"} for c in cands)
+    assert all(s is None for c in cands for s in c["dense_scores"])
+    extra: dict[str, float] = {}
+    for rec in rd.stage_status("mine")[1]:
+        assert rec is not None
+        for k, v in rec.counters.extra.items():
+            extra[k] = extra.get(k, 0) + v
+    assert extra["duplicate_doc_ids"] == 1 and extra["embedded_docs"] == 0
+    # nothing was embedded: no embedding cache entries, no embeddings in the index
+    emb = tmp_path / "emb"
+    assert not [p for p in emb.rglob("*.npy") if not p.name.startswith("bm25.")]

@@ -1,6 +1,8 @@
-"""BM25 over a corpus with bm25s (sparse, in memory).
+"""BM25 over a corpus with bm25s: built once, saved, and memory-mapped by every reader.
 
 >>> idx = BM25Index(k1=0.9, b=0.4).build(["the cat sat", "dogs bark"])
+>>> idx.save("index/")                                   # a few .npy files and two .json
+>>> idx = BM25Index.load("index/")                       # memory-mapped: pages shared
 >>> scores, ids = idx.search(["cat"], k=2)
 
 Results are padded with id -1 (score 0) where fewer than ``k`` documents share a term with
@@ -9,12 +11,25 @@ the query: a zero BM25 score is no evidence, so it never ranks a document.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# bm25s file names, prefixed so the index can share a folder with other files.
+FILES = {
+    "data_name": "bm25.data.npy",
+    "indices_name": "bm25.indices.npy",
+    "indptr_name": "bm25.indptr.npy",
+    "vocab_name": "bm25.vocab.json",
+    "params_name": "bm25.params.json",
+    "nnoc_name": "bm25.nonoccurrence.npy",
+}
+SETTINGS = "bm25.tokenizer.json"
 
 
 class BM25Index:
@@ -42,6 +57,31 @@ class BM25Index:
         self._retriever.index(self._tokenize(texts), show_progress=False)
         return self
 
+    def save(self, folder: str) -> list[str]:
+        """Write the index into ``folder``; returns the paths of the files written."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Index.save before build")
+        os.makedirs(folder, exist_ok=True)
+        self._retriever.save(folder, show_progress=False, **FILES)
+        with open(os.path.join(folder, SETTINGS), "w") as f:
+            json.dump({"stopwords": self.stopwords, "num_docs": self.num_docs}, f)
+        names = [*FILES.values(), SETTINGS]
+        return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+
+    @classmethod
+    def load(cls, folder: str, mmap: bool = True) -> BM25Index:
+        """An index saved by :meth:`save`; with ``mmap`` its arrays stay on disk, shared by
+        every process that maps them."""
+        import bm25s
+
+        with open(os.path.join(folder, SETTINGS)) as f:
+            settings = json.load(f)
+        retriever = bm25s.BM25.load(folder, mmap=mmap, show_progress=False, **FILES)
+        idx = cls(retriever.k1, retriever.b, retriever.method, settings["stopwords"])
+        idx._retriever = retriever
+        idx.num_docs = int(settings["num_docs"])
+        return idx
+
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, doc indices), each (n_queries, k), best first; -1 pads misses."""
         if self._retriever is None:
@@ -58,3 +98,12 @@ class BM25Index:
         ids[:, :kk] = np.where(hit, res, -1)
         scores[:, :kk] = np.where(hit, sc, 0.0)
         return scores, ids
+
+    def all_scores(self, queries: Sequence[str]) -> list[np.ndarray]:
+        """Each query's BM25 score for every document (float32, corpus order)."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Index.all_scores before build")
+        return [
+            np.asarray(self._retriever.get_scores(toks), dtype=np.float32)
+            for toks in self._tokenize(queries)
+        ]

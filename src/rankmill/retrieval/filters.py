@@ -19,9 +19,15 @@ reason                        skipped when
 ``similar_to_positive``       its embedding's cosine to a positive's > ``max_positive_similarity``
 ``near_duplicate_of_positive``  rapidfuzz ratio to a positive's text >= ``duplicate_ratio``
 ``near_duplicate``            rapidfuzz ratio to a negative already chosen for the query
-                              >= ``duplicate_ratio`` (applied while sampling, by
-                              :class:`DuplicateGuard`, so only the chosen few are compared)
+                              >= ``duplicate_ratio``
 ============================  ======================================================
+
+The two text rules can run over the whole pool (:func:`filter_candidates` with ``texts``) or,
+as the miner runs them, while sampling (:class:`DuplicateGuard`): only the candidates the
+sampler picks are compared, and a turned-down pick is replaced by the next one: the chosen
+negatives obey the same rules (with ``top`` sampling they are the same negatives), and a
+thousand-candidate pool costs a handful of comparisons. Counted that way, the two reasons
+count turned-down picks, not the whole pool.
 
 With several positives the margins use the *lowest* positive score, the cautious choice.
 Each candidate is charged to the first rule (in the order above) that removes it, so the
@@ -238,27 +244,38 @@ def filter_candidates(
 
 
 class DuplicateGuard:
-    """Rejects a text that nearly duplicates one already accepted (for one query).
+    """Turns down a text that nearly duplicates a reference (the query's positives) or one
+    already accepted (the negatives picked so far), for one query.
 
-    Comparing only against the accepted negatives keeps the cost at O(pool x negatives)
-    instead of O(pool^2), which matters with pools of a thousand long passages.
+    Comparing only the picks keeps the cost at O(negatives x (positives + negatives))
+    instead of O(pool x ...), which matters with pools of a thousand long passages: most
+    candidates never come up for choosing.
     """
 
-    def __init__(self, ratio: float, chars: int = 1000):
+    def __init__(self, ratio: float, chars: int = 1000, references: Sequence[str] = ()):
         self.ratio = ratio
         self.chars = chars
+        self.references = [t[:chars] for t in references]
         self.accepted: list[str] = []
 
-    def is_duplicate(self, text: str) -> bool:
+    def _near(self, text: str, others: list[str]) -> bool:
         from rapidfuzz import fuzz, process
 
-        t = text[: self.chars]
-        if not self.accepted:
-            return False
-        return (
-            process.extractOne(t, self.accepted, scorer=fuzz.ratio, score_cutoff=self.ratio)
-            is not None
+        return bool(others) and (
+            process.extractOne(text, others, scorer=fuzz.ratio, score_cutoff=self.ratio) is not None
         )
+
+    def reason(self, text: str) -> str | None:
+        """``near_duplicate_of_positive``, ``near_duplicate`` or None (not a duplicate)."""
+        t = text[: self.chars]
+        if self._near(t, self.references):
+            return "near_duplicate_of_positive"
+        if self._near(t, self.accepted):
+            return "near_duplicate"
+        return None
+
+    def is_duplicate(self, text: str) -> bool:
+        return self.reason(text) is not None
 
     def accept(self, text: str) -> None:
         self.accepted.append(text[: self.chars])

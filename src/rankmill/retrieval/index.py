@@ -1,12 +1,14 @@
-"""Inner-product search over normalised embeddings: faiss exact by default, IVF or HNSW for
-large corpora, on GPU when one is there.
+"""Inner-product search over normalised embeddings: exact by default, faiss IVF or HNSW for
+large corpora.
 
->>> idx = DenseIndex(IndexParams()).build(doc_emb)        # doc_emb: (n, d) float32, normalised
->>> scores, ids = idx.search(query_emb, k=100)            # -1 pads where fewer than k exist
+>>> idx = DenseIndex(IndexParams()).build(doc_emb, seed=13)   # (n, d) float32, normalised
+>>> scores, ids = idx.search(query_emb, k=100)                # -1 pads where fewer than k exist
 
-Memory: ``flat`` holds one float32 copy of the embeddings (1M x 384 dims = 1.5 GiB); ``ivf``
-the same plus centroids; ``hnsw`` adds about ``hnsw_m`` x 8 bytes per vector of links.
-Embeddings are added in chunks, so a memory-mapped array is never copied whole twice.
+``flat`` (exact) search reads the embeddings where they are, a memory-mapped array included,
+so the actors of one machine share one copy in the page cache. Its scores are float32 inner
+products, ties broken by corpus position, on any hardware: placing a stage on a GPU changes
+no output. ``ivf`` and ``hnsw`` hold a faiss copy of the embeddings (1M x 384 dims = 1.5 GiB;
+hnsw adds about ``hnsw_m`` x 8 bytes per vector of links) and are approximate.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class IndexParams(Model):
-    """Which faiss index serves dense search."""
+    """Which index serves dense search."""
 
     kind: Literal["flat", "ivf", "hnsw"] = Field(
         "flat",
@@ -38,42 +40,31 @@ class IndexParams(Model):
     hnsw_m: int = Field(32, ge=4, description="HNSW links per node.")
     ef_search: int = Field(256, ge=16, description="HNSW search breadth (>= k is sensible).")
     ef_construction: int = Field(200, ge=16, description="HNSW build breadth.")
-    use_gpu: Literal["auto", "never"] = Field(
-        "auto", description="Search on a GPU when faiss or torch sees one."
-    )
-    search_batch: int = Field(4096, ge=1, description="Queries per search call (bounds memory).")
-    seed: int = Field(13, description="Seed for the IVF training sample.")
 
 
 class DenseIndex:
-    """A faiss (or, for exact search on a GPU without faiss-gpu, torch) inner-product index."""
+    """Exact float32 search over an array (``flat``), or a faiss ``ivf`` / ``hnsw`` index."""
 
-    def __init__(self, params: IndexParams | None = None):
+    def __init__(self, params: IndexParams | None = None, search_batch: int = 4096):
         self.params = params or IndexParams()
+        self.search_batch = search_batch
+        self._chunk = 65536
         self.ntotal = 0
+        self._emb: np.ndarray | None = None
         self._faiss = None
-        self._torch = None  # (n, d) half tensor on cuda for exact GPU search
 
-    def build(self, emb: np.ndarray, chunk: int = 65536) -> DenseIndex:
-        import faiss
-
+    def build(self, emb: np.ndarray, seed: int = 13, chunk: int = 65536) -> DenseIndex:
+        """Index ``emb``; ``seed`` draws the IVF training sample (the run seed)."""
         p = self.params
         n, d = emb.shape
         self.ntotal = n
-        gpu_faiss = p.use_gpu == "auto" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
-        if p.kind == "flat" and p.use_gpu == "auto" and not gpu_faiss and _torch_cuda():
-            import torch
-
-            parts = [
-                torch.from_numpy(np.ascontiguousarray(emb[i : i + chunk])).to("cuda").half()
-                for i in range(0, n, chunk)
-            ]
-            self._torch = torch.cat(parts) if parts else torch.zeros((0, d), device="cuda").half()
-            log.info("exact search on cuda with torch (%d x %d)", n, d)
-            return self
+        self._chunk = chunk
         if p.kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        elif p.kind == "hnsw":
+            self._emb = emb
+            return self
+        import faiss
+
+        if p.kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = p.ef_construction
             index.hnsw.efSearch = p.ef_search
@@ -82,12 +73,10 @@ class DenseIndex:
             nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 points per list
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(p.seed)
+            rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=min(n, nlist * 256), replace=False))
             index.train(np.ascontiguousarray(emb[sample], dtype=np.float32))
             index.nprobe = min(p.nprobe, nlist)
-        if gpu_faiss and p.kind != "hnsw":
-            index = faiss.index_cpu_to_all_gpus(index)
         for i in range(0, n, chunk):
             index.add(np.ascontiguousarray(emb[i : i + chunk], dtype=np.float32))
         self._faiss = index
@@ -103,7 +92,7 @@ class DenseIndex:
         kk = min(k, self.ntotal)
         if nq == 0 or kk == 0:
             return scores, ids
-        step = self.params.search_batch
+        step = self.search_batch
         for i in range(0, nq, step):
             s, j = self._search(q[i : i + step], kk)
             ids[i : i + step, :kk] = j
@@ -111,22 +100,44 @@ class DenseIndex:
         return scores, ids
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._torch is not None:
-            import torch
-
-            with torch.inference_mode():
-                sims = torch.from_numpy(q).to("cuda").half() @ self._torch.T
-                s, j = torch.topk(sims.float(), k=k, dim=1)
-            return s.cpu().numpy(), j.cpu().numpy().astype(np.int64)
+        if self._emb is not None:
+            return exact_topk(self._emb, q, k, self._chunk)
         if self._faiss is None:
             raise RuntimeError("DenseIndex.search before build")
         return self._faiss.search(q, k)
 
 
-def _torch_cuda() -> bool:
-    try:
-        import torch
+def exact_topk(
+    emb: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows of ``emb`` by inner product with each query, best first, ties by
+    row; the corpus is read block by block, so a memory-mapped array is never copied whole."""
+    nq = q.shape[0]
+    best_s = np.empty((nq, 0), dtype=np.float32)
+    best_i = np.empty((nq, 0), dtype=np.int64)
+    for start in range(0, emb.shape[0], chunk):
+        block = np.asarray(emb[start : start + chunk], dtype=np.float32)
+        s = np.concatenate([best_s, q @ block.T], axis=1)
+        i = np.concatenate(
+            [best_i, np.broadcast_to(np.arange(start, start + len(block)), (nq, len(block)))],
+            axis=1,
+        )
+        if s.shape[1] > k:
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            s, i = np.take_along_axis(s, part, 1), np.take_along_axis(i, part, 1)
+        best_s, best_i = s, i
+    # A matrix product's rounding depends on where a row falls in the batch: re-score the
+    # chosen rows one query at a time, so identical documents tie exactly (broken by row) and
+    # a query's results do not depend on the queries searched with it.
+    for r in range(nq):
+        order = np.argsort(best_i[r])
+        best_s[r, order] = row_dots(emb[best_i[r, order]], q[r])
+    order = np.lexsort((best_i, -best_s), axis=-1)
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+
+def row_dots(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Inner products of each row with ``q``, each computed the same way whatever the row's
+    position (float64 sums, rounded to float32): equal rows get equal scores."""
+    a = np.asarray(rows, dtype=np.float64)
+    return (a * np.asarray(q, dtype=np.float64)).sum(axis=-1).astype(np.float32)

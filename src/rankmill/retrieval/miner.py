@@ -6,17 +6,31 @@ directly.
 >>> miner.index_corpus(doc_ids, titles, texts)          # embeds once (cached), builds indexes
 >>> results = miner.mine([MineQuery("q1", "what is ...", positive_ids=["d7"])])
 
+The corpus side is built once and read by every worker: :func:`build_corpus_index` writes a
+folder (the corpus texts as an Arrow file, the embeddings as a ``.npy`` array, the BM25 index
+as bm25s files) and :meth:`Miner.load_index` memory-maps it, so the actors of one machine
+share one copy of each in the page cache. :meth:`Miner.index_corpus` does both.
+
 Scores used by the filters are dense cosines (or cross-encoder scores when ``cross_encoder``
-is set) for every candidate, whichever retriever found it, so a BM25-only find is judged on
-the same scale as the positive. Each query's random choices come from a generator seeded by
-(run seed, query id), so results do not depend on how queries are split into work units.
+is set) for every candidate, whichever retriever found it, so a BM25 find is judged on the
+same scale as the positive. With ``retrievers: [bm25]`` no dense model is loaded at all: the
+negatives come from the BM25 ranking and the margins compare BM25 scores (or cross-encoder
+scores). Each query's random choices come from a generator seeded by (run seed, query id), so
+results do not depend on how queries are split into work units.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,7 +42,7 @@ from pydantic import Field, model_validator
 from rankmill.config import Model
 from rankmill.retrieval import fusion
 from rankmill.retrieval.bm25 import BM25Index
-from rankmill.retrieval.cache import EmbeddingCache
+from rankmill.retrieval.cache import EmbeddingCache, text_digest
 from rankmill.retrieval.dense import DEFAULT_MODEL, DenseEncoder
 from rankmill.retrieval.filters import (
     DuplicateGuard,
@@ -36,7 +50,7 @@ from rankmill.retrieval.filters import (
     FilterParams,
     filter_candidates,
 )
-from rankmill.retrieval.index import DenseIndex, IndexParams
+from rankmill.retrieval.index import DenseIndex, IndexParams, row_dots
 from rankmill.retrieval.sampling import SamplingParams, sample_negatives
 
 log = logging.getLogger(__name__)
@@ -59,7 +73,8 @@ class MiningParams(Model):
     negatives_from: Literal["dense", "fused"] = Field(
         "dense",
         description="Ranking that negatives are sampled from: the dense ranking (negatives hard "
-        "for the dense model being trained) or the fused pool.",
+        "for the dense model being trained) or the fused pool. With retrievers: [bm25] it is "
+        "the BM25 ranking (fused, the default there).",
     )
     model: str = Field(
         DEFAULT_MODEL, description="sentence-transformers model name or path for dense search."
@@ -112,14 +127,39 @@ class MiningParams(Model):
     embedding_cache: bool = Field(
         True, description="Cache corpus embeddings on disk by model and text hash."
     )
+    search_batch: int = Field(
+        4096, ge=1, description="Queries per dense search call (bounds memory)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MiningParams:
         if not self.retrievers:
             raise ValueError("retrievers: name at least one of bm25, dense")
-        if self.negatives_from == "dense" and "dense" not in self.retrievers:
-            raise ValueError("negatives_from: dense needs 'dense' in retrievers")
+        if "dense" not in self.retrievers:
+            if "negatives_from" not in self.model_fields_set:
+                # BM25 only: the pool is the BM25 ranking, and negatives come from it.
+                object.__setattr__(self, "negatives_from", "fused")
+            elif self.negatives_from == "dense":
+                raise ValueError(
+                    "negatives_from: dense needs 'dense' in retrievers; with retrievers: [bm25] "
+                    "negatives come from the BM25 ranking (negatives_from: fused)"
+                )
+            if self.filters.max_positive_similarity is not None:
+                raise ValueError(
+                    "filters.max_positive_similarity compares document embeddings: add 'dense' "
+                    "to retrievers, or set it to null for BM25-only mining"
+                )
         return self
+
+    def uses_dense(self) -> bool:
+        """Whether mining loads the dense model (embeds the corpus and the queries)."""
+        return "dense" in self.retrievers
+
+    def score_kind(self) -> str:
+        """The scale of the scores the margins compare (and negatives carry)."""
+        if self.cross_encoder:
+            return "cross_encoder"
+        return "dense" if self.uses_dense() else "bm25"
 
     def depth(self) -> int:
         """How many candidates the ranking negatives come from holds per query."""
@@ -144,7 +184,7 @@ class MinedQuery:
     bm25_ranks: list[int | None]
     bm25_scores: list[float | None]
     dense_ranks: list[int | None]
-    dense_scores: list[float]
+    dense_scores: list[float | None]
     retrievers: list[str]
     positive_ids: list[str]
     positive_scores: list[float]
@@ -185,23 +225,183 @@ class _Texts:
         return self.arr[int(self.idx[i])].as_py()
 
 
-class Miner:
-    """Holds the corpus indexes and mines queries against them."""
+# -- the corpus side, built once -------------------------------------------------------------------
+DOCS_FILE = "docs.arrow"
+EMB_FILE = "embeddings.npy"
+FAISS_FILE = "dense.faiss"
+DONE_FILE = "index.json"
 
-    def __init__(self, params: MiningParams, cache_dir: str | None = None, seed: int = 13):
+
+def make_encoder(params: MiningParams) -> DenseEncoder:
+    p = params
+    return DenseEncoder(
+        p.model,
+        query_prompt=p.query_prompt,
+        document_prompt=p.document_prompt,
+        query_prompt_name=p.query_prompt_name,
+        document_prompt_name=p.document_prompt_name,
+        batch_size=p.batch_size,
+        device=p.device,
+        max_seq_length=p.max_seq_length,
+    )
+
+
+def index_key(
+    params: MiningParams,
+    doc_ids: Sequence[str],
+    texts: Sequence[str],
+    encoder: DenseEncoder | None,
+    seed: int,
+) -> str:
+    """What the corpus index folder depends on: the documents and the settings that shape it."""
+    p = params
+    parts: dict[str, object] = {
+        "docs": text_digest(doc_ids),
+        "texts": text_digest(texts),
+        "bm25": [p.bm25_k1, p.bm25_b, p.bm25_stopwords] if "bm25" in p.retrievers else None,
+        "dense": encoder.cache_key("document") if encoder is not None else None,
+        "device": encoder.device.split(":")[0] if encoder is not None else None,
+    }
+    if encoder is not None and p.index.kind != "flat":
+        parts["index"] = [p.index.model_dump(), seed]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_corpus_index(
+    params: MiningParams,
+    doc_ids: Sequence[str],
+    texts: Sequence[str],
+    folder: str,
+    encoder: DenseEncoder | None = None,
+    cache: EmbeddingCache | None = None,
+    seed: int = 13,
+) -> dict[str, str]:
+    """Write everything mining needs about a corpus into ``folder``; returns name -> path.
+
+    ``texts`` are the documents as they are embedded and indexed (see :func:`doc_text`);
+    ``encoder`` is needed when ``params`` use dense retrieval. Embeddings go through ``cache``
+    when given (so an interrupted build resumes chunk by chunk). Every worker then maps the
+    folder with :meth:`Miner.load_index`.
+    """
+    import pyarrow.ipc as ipc
+
+    p = params
+    os.makedirs(folder, exist_ok=True)
+    files: dict[str, str] = {}
+    t0 = time.perf_counter()
+    docs = pa.table(
+        {
+            "doc_id": pa.array(list(doc_ids), pa.string()),
+            "text": pa.array(list(texts), pa.large_string()),
+        }
+    )
+    path = os.path.join(folder, DOCS_FILE)
+    with ipc.new_file(path, docs.schema) as w:
+        w.write_table(docs, max_chunksize=max(1, docs.num_rows))
+    files[DOCS_FILE] = path
+    del docs
+    timings: dict[str, float] = {}
+    if p.uses_dense():
+        if encoder is None:
+            raise ValueError("build_corpus_index: dense retrieval needs an encoder")
+        emb, _ = (cache or EmbeddingCache(None)).get_or_compute(
+            texts, encoder.cache_key("document"), encoder.encode_documents
+        )
+        path = os.path.join(folder, EMB_FILE)
+        src = getattr(emb, "filename", None)
+        if src:  # the cache's file: a hard link where it can be, else a copy
+            try:
+                os.link(src, path)
+            except OSError:
+                shutil.copyfile(src, path)
+        else:
+            np.save(path, np.asarray(emb, dtype=np.float32))
+        files[EMB_FILE] = path
+        timings["embed_s"] = time.perf_counter() - t0
+        if p.index.kind != "flat":
+            import faiss
+
+            index = DenseIndex(p.index).build(np.load(path, mmap_mode="r"), seed=seed)
+            path = os.path.join(folder, FAISS_FILE)
+            faiss.write_index(index._faiss, path)
+            files[FAISS_FILE] = path
+    t1 = time.perf_counter()
+    if "bm25" in p.retrievers:
+        bm25 = BM25Index(p.bm25_k1, p.bm25_b, stopwords=p.bm25_stopwords).build(texts)
+        for f in bm25.save(folder):
+            files[os.path.basename(f)] = f
+    timings["bm25_index_s"] = time.perf_counter() - t1
+    with open(os.path.join(folder, DONE_FILE), "w") as f:
+        json.dump({"files": sorted(files), "docs": len(doc_ids), "timings": timings}, f)
+    log.info(
+        "indexed %d docs: %s",
+        len(doc_ids),
+        ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+    )
+    return files
+
+
+@contextlib.contextmanager
+def _locked(path: str):  # type: ignore[no-untyped-def]
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def ensure_corpus_index(
+    params: MiningParams,
+    doc_ids: Sequence[str],
+    texts: Sequence[str],
+    root: str,
+    encoder: DenseEncoder | None = None,
+    cache: EmbeddingCache | None = None,
+    seed: int = 13,
+) -> tuple[str, bool]:
+    """The index folder of this corpus under ``root`` (keyed by content and settings), built
+    by whichever process gets there first while the others wait; returns (folder, built)."""
+    folder = os.path.join(root, index_key(params, doc_ids, texts, encoder, seed))
+    if os.path.exists(os.path.join(folder, DONE_FILE)):
+        return folder, False
+    os.makedirs(root, exist_ok=True)
+    with _locked(folder + ".lock"):
+        if os.path.exists(os.path.join(folder, DONE_FILE)):
+            return folder, False
+        tmp = f"{folder}.tmp-{uuid.uuid4().hex}"
+        try:
+            build_corpus_index(params, doc_ids, texts, tmp, encoder, cache, seed)
+            if os.path.exists(folder):  # a build killed before its marker: start clean
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder, True
+
+
+class Miner:
+    """Holds the corpus indexes and mines queries against them.
+
+    The dense model is loaded only when ``params`` use dense retrieval; pass ``encoder`` to
+    share one already loaded.
+    """
+
+    def __init__(
+        self,
+        params: MiningParams,
+        cache_dir: str | None = None,
+        seed: int = 13,
+        encoder: DenseEncoder | None = None,
+    ):
         self.params = params
         self.seed = seed
         p = params
-        self.encoder = DenseEncoder(
-            p.model,
-            query_prompt=p.query_prompt,
-            document_prompt=p.document_prompt,
-            query_prompt_name=p.query_prompt_name,
-            document_prompt_name=p.document_prompt_name,
-            batch_size=p.batch_size,
-            device=p.device,
-            max_seq_length=p.max_seq_length,
-        )
+        self.encoder: DenseEncoder | None = None
+        if p.uses_dense():
+            self.encoder = encoder or make_encoder(p)
         self.cache = EmbeddingCache(cache_dir if p.embedding_cache else None)
         self.rescorer = None
         if p.cross_encoder:
@@ -216,49 +416,68 @@ class Miner:
         self.bm25: BM25Index | None = None
         self.timings: dict[str, float] = {}
         self.cache_hit = False
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
     # -- corpus ----------------------------------------------------------------------------------
     def index_corpus(
-        self, doc_ids: Sequence[str], titles: Sequence[str | None] | None, texts: Sequence[str]
+        self,
+        doc_ids: Sequence[str],
+        titles: Sequence[str | None] | None,
+        texts: Sequence[str],
+        root: str | None = None,
     ) -> None:
-        t0 = time.perf_counter()
+        """Build the corpus index (under ``root``, or a folder of this miner's own) and load it."""
         titles = titles if titles is not None else [None] * len(texts)
         full = [doc_text(t, x) for t, x in zip(titles, texts, strict=True)]
-        self.doc_ids = list(doc_ids)
-        self.row_of = {d: i for i, d in enumerate(self.doc_ids)}
-        if len(self.row_of) != len(self.doc_ids):
+        if len(set(doc_ids)) != len(doc_ids):
             raise ValueError("corpus doc_ids are not unique")
-        self.texts = pa.array(full, type=pa.large_string())
-        self.emb, self.cache_hit = self.cache.get_or_compute(
-            full, self.encoder.cache_key("document"), self.encoder.encode_documents
+        t0 = time.perf_counter()
+        if root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rankmill-index-")
+            root = self._tmp.name
+        before = self.cache.computed_rows
+        folder, _ = ensure_corpus_index(
+            self.params, doc_ids, full, root, self.encoder, self.cache, self.seed
         )
-        t1 = time.perf_counter()
-        self.dense = DenseIndex(self.params.index.model_copy(update={"seed": self.seed})).build(
-            self.emb
-        )
-        t2 = time.perf_counter()
-        if "bm25" in self.params.retrievers:
-            self.bm25 = BM25Index(
-                self.params.bm25_k1, self.params.bm25_b, stopwords=self.params.bm25_stopwords
-            ).build(full)
-        del full
-        t3 = time.perf_counter()
-        self.timings.update(embed_s=t1 - t0, dense_index_s=t2 - t1, bm25_index_s=t3 - t2)
-        log.info(
-            "indexed %d docs (embeddings %s, %.1fs; dense index %.1fs; bm25 %.1fs)",
-            len(self.doc_ids),
-            "cached" if self.cache_hit else "computed",
-            t1 - t0,
-            t2 - t1,
-            t3 - t2,
-        )
+        self.cache_hit = self.cache.computed_rows == before
+        self.timings["build_s"] = time.perf_counter() - t0
+        self.load_index(folder)
+
+    def load_index(self, folder: str, files: dict[str, str] | None = None) -> None:
+        """Map a folder written by :func:`build_corpus_index` (``files``: name -> path, where
+        the files are not all in ``folder``)."""
+        import pyarrow.ipc as ipc
+
+        def at(name: str) -> str:
+            return (files or {}).get(name) or os.path.join(folder, name)
+
+        t0 = time.perf_counter()
+        docs = ipc.open_file(pa.memory_map(at(DOCS_FILE))).read_all()
+        self.doc_ids = docs.column("doc_id").to_pylist()
+        self.row_of = {d: i for i, d in enumerate(self.doc_ids)}
+        text = docs.column("text")
+        self.texts = text.chunk(0) if text.num_chunks == 1 else text.combine_chunks()
+        p = self.params
+        if p.uses_dense():
+            self.emb = np.load(at(EMB_FILE), mmap_mode="r")
+            self.dense = DenseIndex(p.index, search_batch=p.search_batch)
+            if p.index.kind == "flat":
+                self.dense.build(self.emb, seed=self.seed)
+            else:
+                import faiss
+
+                self.dense._faiss = faiss.read_index(at(FAISS_FILE), faiss.IO_FLAG_MMAP)
+                self.dense.ntotal = len(self.doc_ids)
+        if "bm25" in p.retrievers:
+            self.bm25 = BM25Index.load(os.path.dirname(at("bm25.params.json")), mmap=True)
+        self.timings["load_s"] = time.perf_counter() - t0
 
     def _score_all(self, qv: np.ndarray, block: int = 65536) -> np.ndarray:
         assert self.emb is not None
         n = len(self.doc_ids)
         out = np.empty(n, dtype=np.float32)
         for s in range(0, n, block):
-            out[s : s + block] = np.asarray(self.emb[s : s + block], dtype=np.float32) @ qv
+            out[s : s + block] = row_dots(self.emb[s : s + block], qv)
         return out
 
     def _filter(
@@ -268,21 +487,19 @@ class Miner:
         filter_scores: np.ndarray,
         pos_ids: list[str],
         filter_pos: np.ndarray,
-        pos_rows: list[int],
         pos_emb: np.ndarray | None,
-    ) -> tuple[FilterOutcome, list[str], _Texts]:
-        """Run the per-candidate filters over ``neg_pool`` (corpus rows in rank order)."""
+    ) -> tuple[FilterOutcome, list[str]]:
+        """Run the per-candidate filters over ``neg_pool`` (corpus rows in rank order). Text
+        comparisons wait for the sampler: only picks are compared (see :meth:`_mine_one`)."""
         p = self.params
-        assert self.emb is not None and self.texts is not None
         pos_sims = None
         if p.filters.max_positive_similarity is not None and pos_emb is not None and len(neg_pool):
+            assert self.emb is not None
             order = np.argsort(neg_pool)
             sims = (np.asarray(self.emb[neg_pool[order]], dtype=np.float32) @ pos_emb.T).max(axis=1)
             pos_sims = np.empty(len(neg_pool), dtype=np.float32)
             pos_sims[order] = sims
         neg_doc_ids = [self.doc_ids[j] for j in neg_pool]
-        texts = _Texts(self.texts, neg_pool)
-        dedup = p.filters.duplicate_ratio is not None
         outcome = filter_candidates(
             neg_doc_ids,
             filter_scores,
@@ -290,38 +507,56 @@ class Miner:
             positive_ids=pos_ids,
             positive_scores=filter_pos,
             excluded_ids=q.excluded_ids,
-            texts=texts if dedup else None,
-            positive_texts=[self.texts[r].as_py() for r in pos_rows] if dedup else (),
             positive_sims=pos_sims,
         )
-        return outcome, neg_doc_ids, texts
+        return outcome, neg_doc_ids
 
     # -- queries ---------------------------------------------------------------------------------
     def mine(self, queries: Sequence[MineQuery]) -> list[MinedQuery]:
-        if self.emb is None or self.dense is None:
-            raise RuntimeError("Miner.mine before index_corpus")
         p = self.params
+        if self.texts is None or (p.uses_dense() and self.dense is None):
+            raise RuntimeError("Miner.mine before index_corpus")
         depth = min(p.depth(), len(self.doc_ids))
         # The fused pool only needs pool_size, unless negatives are sampled from it.
         fused_depth = depth if p.negatives_from == "fused" else min(p.pool_size, depth)
-        q_emb = self.encoder.encode_queries([q.text for q in queries])
+        texts = [q.text for q in queries]
+        q_emb: np.ndarray | None = None
         runs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if "dense" in p.retrievers:
+        bm25_all: list[np.ndarray] | None = None
+        if p.uses_dense():
+            assert self.encoder is not None and self.dense is not None
+            q_emb = self.encoder.encode_queries(texts)
             runs["dense"] = self.dense.search(q_emb, depth)
         if "bm25" in p.retrievers and self.bm25 is not None:
-            runs["bm25"] = self.bm25.search([q.text for q in queries], fused_depth)
-        return [self._mine_one(i, q, q_emb[i], runs, depth) for i, q in enumerate(queries)]
+            if p.uses_dense():
+                runs["bm25"] = self.bm25.search(texts, fused_depth)
+            else:
+                # BM25 is the filter scale: every document's score (positives, the fallback).
+                bm25_all = self.bm25.all_scores(texts)
+                runs["bm25"] = _top_positive(bm25_all, fused_depth)
+        return [
+            self._mine_one(
+                i,
+                q,
+                q_emb[i] if q_emb is not None else None,
+                bm25_all[i] if bm25_all is not None else None,
+                runs,
+                depth,
+            )
+            for i, q in enumerate(queries)
+        ]
 
     def _mine_one(
         self,
         i: int,
         q: MineQuery,
-        qv: np.ndarray,
+        qv: np.ndarray | None,
+        bm25_full: np.ndarray | None,
         runs: dict[str, tuple[np.ndarray, np.ndarray]],
         depth: int,
     ) -> MinedQuery:
         p = self.params
-        assert self.emb is not None and self.texts is not None
+        assert self.texts is not None
         ranked: dict[str, np.ndarray] = {}
         scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         fused_depth = depth if p.negatives_from == "fused" else min(p.pool_size, depth)
@@ -345,32 +580,38 @@ class Miner:
             )
         pool = np.asarray(fused_ids[:fused_depth], dtype=np.int64)
         pool_scores = np.asarray(fused_scores[:fused_depth], dtype=np.float64)
+        k = min(p.pool_size, len(pool))
         rank_in = {n: {int(d): r for r, d in enumerate(v, start=1)} for n, v in ranked.items()}
         bm25_score: dict[int, float] = {}
         if "bm25" in scored:
             bm25_score = {int(d): float(x) for d, x in zip(*scored["bm25"], strict=True)}
-        cand_emb = np.asarray(self.emb[np.sort(pool)], dtype=np.float32) if len(pool) else None
-        dense_scores = np.zeros(len(pool))
-        if cand_emb is not None:
-            order = np.argsort(pool)
-            dense_scores[order] = cand_emb @ qv
 
         # Positives by id; a positive missing from the corpus is reported, never matched by text.
         pos_rows = [self.row_of[d] for d in q.positive_ids if d in self.row_of]
         pos_ids = [d for d in q.positive_ids if d in self.row_of]
         missing = [d for d in q.positive_ids if d not in self.row_of]
-        pos_emb = np.asarray(self.emb[np.sort(pos_rows)], dtype=np.float32) if pos_rows else None
-        pos_scores = (
-            (np.asarray(self.emb[pos_rows], dtype=np.float32) @ qv).astype(np.float64)
-            if pos_rows
-            else np.zeros(0)
-        )
+        pos_emb: np.ndarray | None = None
+        if qv is not None:
+            # Dense cosines for the whole pool and the positives: the filter scale.
+            dense_scores = np.zeros(len(pool))
+            if len(pool):
+                order = np.argsort(pool)
+                dense_scores[order] = row_dots(self.emb[pool[order]], qv)
+            pos_emb = np.asarray(self.emb[np.sort(pos_rows)], np.float32) if pos_rows else None
+            pos_scores = (
+                row_dots(self.emb[pos_rows], qv).astype(np.float64) if pos_rows else np.zeros(0)
+            )
+            dense_col: list[float | None] = [float(s) for s in dense_scores[:k]]
+        else:
+            assert bm25_full is not None
+            dense_scores = pool_scores
+            pos_scores = bm25_full[pos_rows].astype(np.float64) if pos_rows else np.zeros(0)
+            dense_col = [None] * k
 
-        k = min(p.pool_size, len(pool))
-        pool_doc_ids = [self.doc_ids[j] for j in pool]
+        pool_doc_ids = [self.doc_ids[j] for j in pool[:k]]
         out = MinedQuery(
             query_id=q.query_id,
-            candidate_ids=pool_doc_ids[:k],
+            candidate_ids=pool_doc_ids,
             candidate_scores=[float(s) for s in pool_scores[:k]],
             bm25_ranks=[
                 rank_in["bm25"].get(int(j)) if "bm25" in rank_in else None for j in pool[:k]
@@ -379,7 +620,7 @@ class Miner:
             dense_ranks=[
                 rank_in["dense"].get(int(j)) if "dense" in rank_in else None for j in pool[:k]
             ],
-            dense_scores=[float(s) for s in dense_scores[:k]],
+            dense_scores=dense_col,
             retrievers=[
                 "+".join(n for n in ("bm25", "dense") if n in rank_in and int(j) in rank_in[n])
                 for j in pool[:k]
@@ -406,39 +647,50 @@ class Miner:
         if self.rescorer is not None:
             neg_pool = neg_pool[: p.rescore_depth]
             neg_scores = neg_scores[: p.rescore_depth]
-            texts = [self.texts[int(j)].as_py() for j in neg_pool]
-            filter_scores = self.rescorer.score(q.text, texts)
+            filter_scores = self.rescorer.score(
+                q.text, [self.texts[int(j)].as_py() for j in neg_pool]
+            )
             filter_pos = self.rescorer.score(q.text, [self.texts[r].as_py() for r in pos_rows])
-        outcome, neg_doc_ids, texts = self._filter(
-            q, neg_pool, filter_scores, pos_ids, filter_pos, pos_rows, pos_emb
+        outcome, neg_doc_ids = self._filter(
+            q, neg_pool, filter_scores, pos_ids, filter_pos, pos_emb
         )
         if not len(outcome.kept) and self.rescorer is None and len(neg_pool) < len(self.doc_ids):
             # Nothing in the mining depth scores below a weak positive: rank the whole corpus
             # for this query (a rare, linear-cost fallback) rather than lose it.
-            full_scores = self._score_all(qv)
-            neg_pool = np.argsort(-full_scores, kind="stable")
+            if qv is not None:
+                full_scores = self._score_all(qv)
+                neg_pool = np.argsort(-full_scores, kind="stable")
+            else:
+                assert bm25_full is not None
+                full_scores = bm25_full
+                neg_pool = np.argsort(-full_scores, kind="stable")
+                neg_pool = neg_pool[full_scores[neg_pool] > 0]  # a zero BM25 score is no evidence
             neg_scores = filter_scores = full_scores[neg_pool].astype(np.float64)
-            outcome, neg_doc_ids, texts = self._filter(
-                q, neg_pool, filter_scores, pos_ids, filter_pos, pos_rows, pos_emb
+            outcome, neg_doc_ids = self._filter(
+                q, neg_pool, filter_scores, pos_ids, filter_pos, pos_emb
             )
             out.full_ranking = True
         out.considered = len(neg_pool)
         out.skipped = outcome.counts()
         kept = outcome.kept
-        dup_skips = 0
         guard = (
-            DuplicateGuard(p.filters.duplicate_ratio, p.filters.duplicate_chars)
+            DuplicateGuard(
+                p.filters.duplicate_ratio,
+                p.filters.duplicate_chars,
+                references=[self.texts[r].as_py() for r in pos_rows],
+            )
             if p.filters.duplicate_ratio is not None
             else None
         )
+        text_skips: dict[str, int] = {}
 
         def is_duplicate(pos: int) -> bool:
-            # Mutual near-duplicates are checked only for picks, against earlier picks.
-            nonlocal dup_skips
-            assert guard is not None
-            text = texts[int(kept[pos])]
-            if guard.is_duplicate(text):
-                dup_skips += 1
+            # Text comparisons only for picks: against the positives, then earlier picks.
+            assert guard is not None and self.texts is not None
+            text = self.texts[int(neg_pool[int(kept[pos])])].as_py()
+            reason = guard.reason(text)
+            if reason is not None:
+                text_skips[reason] = text_skips.get(reason, 0) + 1
                 return True
             guard.accept(text)
             return False
@@ -451,8 +703,7 @@ class Miner:
             query_rng(self.seed, q.query_id),
             is_duplicate if guard is not None else None,
         )
-        if dup_skips:
-            out.skipped["near_duplicate"] = dup_skips
+        out.skipped.update(text_skips)
         sel = kept[chosen]
         out.negative_ids = [neg_doc_ids[j] for j in sel]
         out.negative_scores = [float(filter_scores[j]) for j in sel]
@@ -461,3 +712,19 @@ class Miner:
             out.reject = "no_negative"
             out.detail = f"all {len(neg_pool)} candidates were filtered: {out.skipped}"
         return out
+
+
+def _top_positive(all_scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of each query's ``k`` best documents with a positive score, best first,
+    ties by corpus position; -1 pads."""
+    n = len(all_scores)
+    scores = np.zeros((n, k), dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for i, s in enumerate(all_scores):
+        hit = np.flatnonzero(s > 0)
+        if len(hit) > k:
+            hit = hit[np.argpartition(-s[hit], k - 1)[:k]]
+        hit = hit[np.lexsort((hit, -s[hit]))]
+        scores[i, : len(hit)] = s[hit]
+        ids[i, : len(hit)] = hit
+    return scores, ids

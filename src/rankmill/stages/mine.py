@@ -11,7 +11,7 @@ BM25 + dense pool that teachers and judges label) and ``negatives``
         num_negatives: 8
         filters: {max_relative_score: 0.95, duplicate_ratio: 95}
         sampling: {strategy: stratified}
-        worker_gpus: 1          # embed and search on a GPU when the cluster has one
+        worker_gpus: 1          # embed on a GPU when the cluster has one
 
 Positives are document ids, never texts: judged pairs with ``score >= min_relevance``, and a
 synthetic query's ``source_doc_id``. Judged pairs with a negative score and the
@@ -19,10 +19,25 @@ synthetic query's ``source_doc_id``. Judged pairs with a negative score and the
 candidate pool (judges can label it) and a ``no_positive`` reject for the negatives; a query
 whose candidates were all filtered gets a ``no_negative`` reject.
 
-Work units are chunks of queries. Each Ray actor builds the corpus indexes once in
-``setup()``; corpus embeddings go through the on-disk embedding cache (under the run
-directory unless ``cache_dir`` says otherwise), so only the first actor, stage or run over a
-corpus pays for embedding it, and actors that start together split the chunks between them.
+``retrievers: [bm25]`` mines without a dense model: the pool and the negatives come from the
+BM25 ranking, and the margins compare BM25 scores (or a ``cross_encoder``'s).
+
+Work units are chunks of queries. The corpus side (texts, embeddings, BM25 index) is built
+once per corpus and settings by :func:`rankmill.retrieval.miner.build_corpus_index` into a
+folder under the cache directory (under the run directory unless ``cache_dir`` says
+otherwise); the first actor builds it while the others wait, and every actor memory-maps it.
+Corpus embeddings go through the embedding cache in small chunks, so a killed run resumes
+embedding where it stopped, and actors that start together split the chunks between them.
+
+Embedding uses as many torch threads as ``embed_threads`` says; by default the actor's
+``worker_cpus`` when set, else this machine's CPUs shared among the stage's ``workers`` (the
+stage runs alone, and embedding is its expensive step). A GPU embeds when the actor has one
+(``worker_gpus``, taken by default where the driver's machine has one); the device kind is
+part of the stage's fingerprint, since GPU embeddings differ from CPU ones in the last bits.
+Dense search is exact float32 on the CPU either way.
+
+A corpus with repeated doc_ids (ingest's ``duplicate_id: keep``) is mined with the first
+row of each id; the others are counted (``duplicate_doc_ids``) and logged.
 Filter counts ("skipped N (x%) because ...") go to the log and to each unit's counters.
 """
 
@@ -40,7 +55,14 @@ from pydantic import Field, model_validator
 from rankmill.config import StageParams
 from rankmill.manifest import Counters
 from rankmill.retrieval.filters import describe_skips
-from rankmill.retrieval.miner import MinedQuery, MineQuery, Miner, MiningParams
+from rankmill.retrieval.miner import (
+    MinedQuery,
+    MineQuery,
+    Miner,
+    MiningParams,
+    doc_text,
+    ensure_corpus_index,
+)
 from rankmill.schemas import CANDIDATES, CORPUS, EXCLUSIONS, NEGATIVES, QRELS, QUERIES
 from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, rejects_table
 
@@ -65,8 +87,16 @@ def _gpu_present() -> bool:
 class MineParams(StageParams, MiningParams):
     """Params of the ``mine`` stage: mining settings plus how queries become work units."""
 
-    # Where embeddings are cached changes no output.
-    not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {"cache_dir"}
+    # Unit and batch sizes, caching and threads change no output. Placement does, through
+    # the embedding device: that goes in by fingerprint_extra.
+    not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {
+        "cache_dir",
+        "queries_per_unit",
+        "batch_size",
+        "search_batch",
+        "embedding_cache",
+        "embed_threads",
+    }
 
     queries_per_unit: int = Field(
         256, ge=1, description="Queries per work unit (the unit of commit and resume)."
@@ -82,6 +112,27 @@ class MineParams(StageParams, MiningParams):
         description="Embedding cache folder (default: <run dir>/cache/embeddings, or "
         "~/.cache/rankmill/embeddings when the run dir is not on local disk).",
     )
+
+    embed_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per actor for embedding (default: worker_cpus when set, "
+        "else this machine's CPUs shared among the stage's workers).",
+    )
+
+    def threads(self) -> int:
+        """How many torch threads an actor embeds with."""
+        if self.embed_threads:
+            return self.embed_threads
+        if "worker_cpus" in self.model_fields_set:
+            return max(1, int(self.worker_cpus))
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def device_kind(self) -> str:
+        """Where embeddings are computed: 'cuda' or 'cpu' (fingerprinted)."""
+        if self.device != "auto":
+            return self.device.split(":")[0]
+        return "cuda" if self.worker_gpus > 0 else "cpu"
 
     @model_validator(mode="after")
     def _gpu_default(self) -> MineParams:
@@ -146,11 +197,22 @@ def unit_queries(
     return pa.table(rows, schema=UNIT_QUERIES)
 
 
+def first_rows(ids: list[str]) -> list[int]:
+    """Positions of the first row of each id, in order."""
+    seen: set[str] = set()
+    out = []
+    for i, d in enumerate(ids):
+        if d not in seen:
+            seen.add(d)
+            out.append(i)
+    return out
+
+
 class MineStage(Stage):
     """Candidate pools (BM25 + dense, fused) and filtered hard negatives per query."""
 
     name = "mine"
-    version = "1"
+    version = "2"
     Params = MineParams
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"qrels": QRELS, "exclusions": EXCLUSIONS}
@@ -176,21 +238,61 @@ class MineStage(Stage):
             return os.path.join(self.ctx.run_dir, "cache", "embeddings")
         return os.path.join(os.path.expanduser("~"), ".cache", "rankmill", "embeddings")
 
+    def fingerprint_extra(self) -> dict[str, Any]:
+        p = self.params
+        if not (p.uses_dense() or p.cross_encoder):
+            return {}
+        return {"embedding_device": p.device_kind()}
+
     def setup(self) -> None:
         t0 = time.perf_counter()
+        p = self.params
+        if p.uses_dense() or p.cross_encoder:
+            import torch
+
+            torch.set_num_threads(p.threads())
         corpus = self.ctx.read_input("corpus")
-        self.miner = Miner(self.params, cache_dir=self.cache_dir(), seed=self.ctx.seed)
-        self.miner.index_corpus(
-            corpus.column("doc_id").to_pylist(),
-            corpus.column("title").to_pylist() if "title" in corpus.column_names else None,
-            corpus.column("text").to_pylist(),
+        doc_ids = corpus.column("doc_id").to_pylist()
+        titles = (
+            corpus.column("title").to_pylist()
+            if "title" in corpus.column_names
+            else [None] * len(doc_ids)
         )
+        texts = corpus.column("text").to_pylist()
         del corpus
+        keep = first_rows(doc_ids)
+        duplicates = len(doc_ids) - len(keep)
+        if duplicates:
+            log.warning(
+                "mine: the corpus repeats %d doc_ids; mining uses the first row of each",
+                duplicates,
+            )
+            doc_ids = [doc_ids[i] for i in keep]
+            titles = [titles[i] for i in keep]
+            texts = [texts[i] for i in keep]
+        full = [doc_text(t, x) for t, x in zip(titles, texts, strict=True)]
+        del titles, texts
+        self.miner = Miner(p, cache_dir=self.cache_dir(), seed=self.ctx.seed)
+        folder, built = ensure_corpus_index(
+            p,
+            doc_ids,
+            full,
+            os.path.join(self.cache_dir(), "index"),
+            self.miner.encoder,
+            self.miner.cache,
+            self.ctx.seed,
+        )
+        del full, doc_ids
+        self.miner.load_index(folder)
         # Reported with the first unit this actor processes.
         self._setup_extra: dict[str, float] | None = {
             "setup_seconds": round(time.perf_counter() - t0, 3),
             "embedded_docs": float(self.miner.cache.computed_rows),
+            "index_built": float(built),
+            "embed_threads": float(p.threads()),
         }
+        if duplicates:
+            self._setup_extra["duplicate_doc_ids"] = float(duplicates)
 
     def process(self, unit: WorkUnit) -> UnitOutput:
         p = self.params
@@ -243,7 +345,7 @@ class MineStage(Stage):
             extra[f"skipped_{reason}"] = float(n)
         for line in describe_skips(dict(skipped), considered):
             log.info("mine unit %s: %s", unit.unit_id, line)
-        score_kind = "cross_encoder" if p.cross_encoder else "dense"
+        score_kind = p.score_kind()
         candidates = pa.table(
             {
                 "query_id": [m.query_id for m in mined],
