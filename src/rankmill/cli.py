@@ -3,6 +3,8 @@
 rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
 rankmill status DIR [--verify] [--strict]
 rankmill validate DATA [--format beir|jsonl|parquet|hf]
+rankmill publish DIR --repo ORG/NAME [--private] [--create-pr]
+rankmill report DIR [--out report.html]
 """
 
 from __future__ import annotations
@@ -359,6 +361,40 @@ def show(
     if out is not None:
         _write_table(data, out)
         console.print(f"wrote {data.num_rows:,} rows to {out}")
+
+
+@app.command()
+def publish(
+    run_dir: str = typer.Argument(..., help="A run directory with a complete export stage."),
+    repo: str = typer.Option(..., "--repo", help="Hub dataset repo, ORG/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead."),
+    license_: str = typer.Option("other", "--license", help="License in the dataset card."),
+) -> None:
+    """Publish the exported views as one Hub dataset (token from HF_TOKEN)."""
+    from rankmill.publish import publish as do_publish
+
+    try:
+        result = do_publish(run_dir, repo, private=private, create_pr=create_pr, license=license_)
+    except RankmillError as exc:
+        raise _error(exc, 2) from exc
+    what = "committed" if result.committed else "unchanged, no commit"
+    console.print(f"{result.repo_id}: {what} ({result.files} files) {result.pr_url or result.url}")
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="A run directory."),
+    out: Path | None = typer.Option(None, help="Where to write it (default RUN_DIR/report.html)."),
+) -> None:
+    """Write a self-contained HTML report of a run (opens offline)."""
+    from rankmill.report import write_report
+
+    try:
+        path = write_report(run_dir, str(out) if out else None)
+    except RankmillError as exc:
+        raise _error(exc, 2) from exc
+    console.print(f"wrote {path}")
 
 
 def _cell(value: Any, width: int = 80) -> str:

@@ -12,6 +12,7 @@ BUILTIN: dict[str, str] = {
     "ingest": "rankmill.stages.ingest:IngestStage",
     "mine": "rankmill.stages.mine:MineStage",
     "label": "rankmill.stages.label:LabelStage",
+    "export": "rankmill.stages.export:ExportStage",
 }
 
 
