@@ -164,16 +164,18 @@ def dataset_card(
         for v in built
     ]
     skipped = [f"- `{v['view']}`: {v['reason']}" for v in manifest["views"] if v not in built]
+    run_name = pipeline.get("run", {}).get("name", "")
+    first = built[0]["view"] if built else "n-tuple"
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        "Training data for retrievers and rerankers made by "
-        f"[rankmill](https://pypi.org/project/rankmill/) (run `{pipeline.get('run', {}).get('name', '')}`). "
-        "Each view is a config; splits are by query (no query is in both).",
+        "Training data for retrievers and rerankers made by rankmill "
+        f"(run `{run_name}`). Each view is a config; splits are by query (no query is in "
+        "both).",
         "",
         "```python",
         "from datasets import load_dataset",
-        f'train = load_dataset("{repo_id}", "{built[0]["view"] if built else "n-tuple"}", split="train")',
+        f'train = load_dataset("{repo_id}", "{first}", split="train")',
         "```",
         "",
         "## Views",

@@ -323,7 +323,10 @@ def _quantiles(values: list[float]) -> str:
     def q(p: float) -> float:
         return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
 
-    return f"min {v[0]:.3f} · p25 {q(0.25):.3f} · median {q(0.5):.3f} · p75 {q(0.75):.3f} · max {v[-1]:.3f}"
+    return (
+        f"min {v[0]:.3f} · p25 {q(0.25):.3f} · median {q(0.5):.3f} · "
+        f"p75 {q(0.75):.3f} · max {v[-1]:.3f}"
+    )
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -10,9 +10,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rankmill.pipeline import validate_pipeline
 
 from rankmill.manifest import RunDir
+from rankmill.pipeline import validate_pipeline
 from rankmill.runner import Runner
 from rankmill.stages.export import export_files
 from rankmill.views import split_of
