@@ -5,6 +5,7 @@ rankmill status DIR [--verify] [--strict]
 rankmill validate DATA [--format beir|jsonl|parquet|hf]
 rankmill publish DIR --repo ORG/NAME [--private] [--create-pr]
 rankmill report DIR [--out report.html]
+rankmill journal compact DIR
 """
 
 from __future__ import annotations
@@ -419,6 +420,28 @@ def _write_table(data: Any, out: Path) -> None:
     else:
         err_console.print(f"[red]error:[/red] {out}: use .parquet, .jsonl or .csv")
         raise typer.Exit(2)
+
+
+journal_app = typer.Typer(no_args_is_help=True, help="The run's LLM response journal.")
+app.add_typer(journal_app, name="journal")
+
+
+@journal_app.command("compact")
+def journal_compact(
+    run_dir: str = typer.Argument(..., help="A run directory (a path or an s3:// URI)."),
+) -> None:
+    """Merge the journal's segments into one (one entry per request key; totals kept)."""
+    from rankmill.llm.journal import compact
+
+    try:
+        rep = compact(run_dir)
+    except RankmillError as exc:
+        raise _error(exc, 2) from exc
+    console.print(
+        f"journal: {rep.segments_before} -> {rep.segments_after} segment(s), "
+        f"{rep.entries:,} entries, {rep.bytes_before / 2**20:,.1f} -> "
+        f"{rep.bytes_after / 2**20:,.1f} MiB in {rep.seconds:.1f}s"
+    )
 
 
 def main() -> None:  # pragma: no cover

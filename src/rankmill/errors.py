@@ -18,6 +18,7 @@ says what to change. Callers catch the narrowest class they can handle::
     │   ├── LLMQuotaError      429 that says the quota is exhausted (not a rate limit)
     │   ├── LLMRetryExhausted  transient errors outlasted the retry budget (attempts or time)
     │   ├── LLMUnreachable     connection refused, unknown host: nothing answers at base_url
+    │   ├── JournalError       a file of the run's LLM journal is unreadable (file in message)
     │   └── LocalServerError   the local llama.cpp server could not be started
     ├── BudgetExceeded         max_cost_usd / max_requests would be crossed; raise it and re-run
     └── PublishError           the Hub rejected a publish
@@ -124,6 +125,12 @@ class LLMRetryExhausted(LLMError):
 
 class LLMUnreachable(LLMError):
     """Nothing answers at the endpoint's address (connection refused, unknown host)."""
+
+    fatal = True
+
+
+class JournalError(LLMError):
+    """A file of the run's LLM journal cannot be read; the message names it and what to do."""
 
     fatal = True
 

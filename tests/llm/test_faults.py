@@ -3,15 +3,14 @@ or a reject with a reason; transient faults never become rejects."""
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
-from pathlib import Path
 
 import pytest
 
 from rankmill.errors import LLMAuthError
 from rankmill.llm import ChatRequest
+from rankmill.llm.journal import iter_entries
 from tests.fixtures.openai_server import ALL_RANDOM_KINDS, BAD_ANSWER_KINDS
 from tests.llm.conftest import user
 
@@ -36,9 +35,7 @@ def test_random_faults_lose_nothing(server, make_gw):
     assert len(bad) == n_bad_answers  # each bad answer became exactly one reject
     assert 0.1 * 300 < len(bad) < 0.35 * 300 * len(BAD_ANSWER_KINDS) / len(ALL_RANDOM_KINDS) + 30
     # every result is journaled exactly once; the re-run sends nothing
-    lines = []
-    for p in Path(gw.journal.directory).glob("*.jsonl"):
-        lines += [json.loads(x) for x in p.read_text().splitlines()]
+    lines = list(iter_entries(gw.run_dir))
     assert sorted(x["key"] for x in lines) == sorted(r.key for r in results)
     server.reset()
     again = make_gw().chat_many_sync(reqs)

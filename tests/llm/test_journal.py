@@ -1,5 +1,7 @@
-"""The durable journal: answers on disk before use, torn lines, re-runs that send nothing,
-bad answers as rejects, keys and seeds."""
+"""The durable journal through the gateway: answers on disk before use, re-runs that send
+nothing, one store per writer, older JSON-lines journals, bad answers as rejects, keys and
+seeds. The store itself (crashes, compaction, corrupt files, object storage) is tested in
+test_journal_store.py."""
 
 from __future__ import annotations
 
@@ -10,15 +12,13 @@ from pathlib import Path
 import pytest
 
 from rankmill.llm import ChatRequest, parse_completion
-from rankmill.llm.journal import Journal, scan
+from rankmill.llm.journal import Journal, iter_entries, read_totals
 from tests.llm.conftest import user
 
 
-def _lines(directory: str) -> list[dict]:
-    out = []
-    for p in Path(directory).glob("*.jsonl"):
-        out += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    return out
+def _lines(run_dir: str) -> list[dict]:
+    """Every journaled entry, read from disk by another connection."""
+    return list(iter_entries(run_dir))
 
 
 def test_an_answer_is_on_disk_before_it_is_returned(server, make_gw):
@@ -28,12 +28,12 @@ def test_an_answer_is_on_disk_before_it_is_returned(server, make_gw):
 
     async def spy(entry):
         await real_append(entry)
-        seen.append(len(_lines(gw.journal.directory)))
+        seen.append(len(_lines(gw.run_dir)))
 
     gw.journal.append = spy  # type: ignore[method-assign]
     r = gw.chat_sync(ChatRequest(messages=user("hello")))
-    assert seen == [1]  # the line was readable from the file when append returned
-    (line,) = _lines(gw.journal.directory)
+    assert seen == [1]  # the entry was readable from the disk when append returned
+    (line,) = _lines(gw.run_dir)
     assert line["key"] == r.key and line["text"] == r.text and line["ok"] is True
 
 
@@ -51,28 +51,39 @@ def test_a_finished_batch_rerun_sends_no_request(server, make_gw, tmp_path):
     assert c["llm_calls"] == 0 and c["llm_cached"] == 60
 
 
-def test_torn_last_line_is_ignored(server, make_gw):
+def test_an_older_json_lines_journal_is_converted_once(server, make_gw, tmp_path):
     reqs = [ChatRequest(messages=user(f"q{i}")) for i in range(5)]
-    gw = make_gw()
-    gw.chat_many_sync(reqs)
-    gw.close()
-    (path,) = Path(gw.journal.directory).glob("*.jsonl")
-    with open(path, "ab") as f:  # what a crash in the middle of a write leaves
-        f.write(b'{"v": 1, "key": "abc", "ok": tr')
+    first = make_gw(run_dir=str(tmp_path / "new"))
+    first.chat_many_sync(reqs)
+    first.close()
+    entries = _lines(first.run_dir)
+    # What an older rankmill left: a JSON-lines file per writer, a torn last line after a crash.
+    old = tmp_path / "old" / "llm" / "journal"
+    old.mkdir(parents=True)
+    legacy = old / "host-1-abcd.jsonl"
+    legacy.write_bytes(
+        b"".join(json.dumps(e).encode() + b"\n" for e in entries) + b'{"v": 1, "key": "x", "ok": tr'
+    )
     server.reset()
-    results = make_gw().chat_many_sync(reqs)
+    results = make_gw(run_dir=str(tmp_path / "old")).chat_many_sync(reqs)
     assert all(r.cached and r.ok for r in results)
     assert server.stats()["requests"] == 0
-    entries, totals = scan(gw.journal.directory)
-    assert len(entries) == 5 and totals.requests == 5
+    assert not legacy.exists() and (old / "legacy-host-1-abcd.sqlite").exists()
+    totals = read_totals(str(tmp_path / "old"))
+    assert totals.requests == 5 and totals.entries == 5
 
 
-def test_each_writer_has_its_own_file_and_all_are_read(server, make_gw):
+def test_each_writer_has_its_own_store_and_all_are_read(server, make_gw):
     a, b = make_gw(), make_gw()
     a.chat_many_sync([ChatRequest(messages=user("from a"))])
     b.chat_many_sync([ChatRequest(messages=user("from b"))])
-    files = sorted(Path(a.journal.directory).glob("*.jsonl"))
-    assert len(files) == 2 and a.journal.path != b.journal.path
+    assert a.journal.path != b.journal.path
+    assert Path(a.journal.path).exists() and Path(b.journal.path).exists()
+    a.close()
+    b.close()
+    segments = sorted(Path(a.journal.directory).glob("*.sqlite"))
+    assert len(segments) == 2  # one immutable segment per writer once it closed
+    assert not list(Path(a.journal.directory, "live").glob("*.sqlite"))
     server.reset()
     c = make_gw()
     rs = c.chat_many_sync(
@@ -96,7 +107,7 @@ def test_bad_answers_are_rejects_journaled_as_such(server, make_gw, kind, reason
     gw = make_gw()
     r = gw.chat_sync(ChatRequest(messages=user("hello")))
     assert not r.ok and r.reject_reason == reason
-    (line,) = _lines(gw.journal.directory)
+    (line,) = _lines(gw.run_dir)
     assert line["ok"] is False and line["reason"] == reason
     # not paid again, and still a reject (never turned into a success)
     server.reset()
@@ -110,7 +121,7 @@ def test_a_bad_answer_is_resampled_with_a_new_seed_when_configured(server, make_
     gw = make_gw(gw_kw={"resample_bad": 1})
     r = gw.chat_sync(ChatRequest(messages=user("hello")))
     assert r.ok and r.resampled == 1
-    lines = _lines(gw.journal.directory)
+    lines = _lines(gw.run_dir)
     assert [x["ok"] for x in lines] == [False, True]
     assert lines[0]["seed"] != lines[1]["seed"]
     # the re-run gets the successful resample from the journal, without sending
@@ -165,21 +176,26 @@ def test_concurrent_duplicates_are_sent_once(server, make_gw):
     assert len({r.text for r in rs}) == 1 and server.stats()["requests"] == 1
 
 
-def test_group_commit_uses_few_fsyncs(tmp_path, monkeypatch):
-    import os
+def test_group_commit_uses_few_transactions(tmp_path):
+    j = Journal(str(tmp_path / "run"))
+    commits = []
+    real = j._write_durably
 
-    j = Journal(str(tmp_path / "j"))
-    calls = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    def spy(rows):
+        commits.append(len(rows))
+        real(rows)
+
+    j._write_durably = spy  # type: ignore[method-assign]
 
     async def many():
         await asyncio.gather(*(j.append({"key": str(i), "ok": True}) for i in range(200)))
 
     asyncio.run(many())
+    assert sum(commits) == 200
+    assert len(commits) < 20  # one fsync'ed transaction per flush, not per entry
+    assert all(j.get(str(i)) == {"key": str(i), "ok": True} for i in range(200))
     j.close()
-    assert len(_lines(str(tmp_path / "j"))) == 200
-    assert len(calls) < 20  # one fsync per flush, not per line
+    assert len(_lines(str(tmp_path / "run"))) == 200
 
 
 def test_parse_completion_classifies_bodies():

@@ -48,6 +48,41 @@ def test_ledger_budget_refuses_before_crossing():
     assert wait < 0 and "max_requests" in why
 
 
+def test_ledger_grants_blocks_spaced_run_wide():
+    led = RunLedger()
+    led.configure(None, {"e": {"rpm": 60.0, "tpm": None}})
+    assert led.grant("e", 4, 10, 0.0, now=100.0) == (4, 0.0, 1.0, "")
+    # the next block (another worker's) starts where this one ends
+    assert led.grant("e", 2, 10, 0.0, now=100.5) == (2, 3.5, 1.0, "")
+    assert led.reserve("e", 10, 0.0, now=100.5)[0] == pytest.approx(5.5)
+
+
+def test_ledger_grants_what_the_budget_has_left_then_refuses():
+    led = RunLedger()
+    led.configure({"max_requests": 10, "max_cost_usd": 1.0}, {})
+    assert led.grant("e", 4, 0, 0.05, now=0.0)[0] == 4
+    assert led.grant("e", 8, 0, 0.05, now=0.0)[0] == 6  # max_requests: 10 - 4 reserved
+    granted, _, _, why = led.grant("e", 1, 0, 0.05, now=0.0)
+    assert granted == 0 and "max_requests" in why
+    # a batch settlement: 10 released, 7 were sent for $0.07, 3 not sent
+    led.settle_many("e", 10, 0.5, 7, 0.07, 0)
+    assert (led.spent_requests, led.reserved_requests) == (7, 0)
+    assert led.spent_cost_usd == pytest.approx(0.07) and led.reserved_cost_usd == 0.0
+    assert led.grant("e", 8, 0, 0.4, now=0.0)[0] == 2  # $0.93 left: two of $0.40
+    granted, _, _, why = led.grant("e", 1, 0, 0.4, now=0.0)
+    assert granted == 0 and "max_cost_usd" in why
+
+
+def test_ledger_block_waits_for_its_tokens():
+    led = RunLedger()
+    led.configure(None, {"e": {"rpm": None, "tpm": 600.0}})  # 10 tokens/s, bucket of 100
+    assert led.grant("e", 5, 20, 0.0, now=0.0)[:2] == (5, 0.0)
+    granted, delay, spacing, _ = led.grant("e", 3, 20, 0.0, now=0.0)
+    assert (granted, spacing) == (3, 0.0) and delay == pytest.approx(6.0)
+    led.settle_many("e", 3, 0.0, 0, 0.0, 60)  # not sent: its tokens come back
+    assert led.grant("e", 1, 20, 0.0, now=0.0)[1] == pytest.approx(2.0)
+
+
 def test_rpm_limit_in_process(server, make_gw):
     gw = make_gw(requests_per_minute=600.0, max_concurrency=16)  # 10/s
     gw.chat_many_sync([ChatRequest(messages=user(f"q{i}")) for i in range(11)])
@@ -144,6 +179,61 @@ def test_rpm_limit_holds_across_two_ray_workers(ray_session, server, tmp_path):
     assert t[-1] - t[0] >= 23 * 0.25 * 0.9
     for start in t:  # no 1 s window sees more than its share (+1 for the window's edge)
         assert sum(1 for x in t if start <= x < start + 1.0) <= 5
+
+
+@pytest.mark.slow
+def test_ray_ledger_is_called_per_block_and_holds_the_budget(ray_session, server, tmp_path):
+    ray = ray_session
+    from rankmill.stage import StageContext
+
+    ep = EndpointConfig(
+        base_url=server.base_url, model="fake", requests_per_minute=60000.0, max_concurrency=32
+    )
+    run_dir = str(tmp_path / "run")
+
+    def ctx_for(budget: dict) -> StageContext:
+        cfg = types.SimpleNamespace(run=RunConfig(budget=budget), endpoints={"fake": ep})
+        shared = limits_mod.ensure_run_services(cfg, run_dir, ray)
+        return StageContext(
+            run_dir=run_dir,
+            stage_name="calls",
+            stage_type="calls",
+            endpoints={"fake": ep.model_dump(mode="json")},
+            shared=shared,
+            budget=budget,
+        )
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def run(self, ctx_json: str, tag: str, n: int) -> tuple[int, int, str]:
+            from rankmill.llm import ChatRequest, Gateway
+            from rankmill.stage import StageContext
+
+            gw = Gateway.from_context(StageContext.from_json(ctx_json), "fake")
+            reqs = [
+                ChatRequest(messages=[{"role": "user", "content": f"{tag} {i}"}]) for i in range(n)
+            ]
+            try:
+                rs = gw.chat_many_sync(reqs)
+                outcome = "ok"
+            except Exception as exc:  # the budget stop, raised in the worker
+                rs, outcome = [], type(exc).__name__
+            calls = gw.limiter.calls
+            gw.close()
+            return sum(r.ok for r in rs), calls, outcome
+
+    # No budget to speak of: 300 requests cost a handful of ledger calls, not 300.
+    ctx = ctx_for({"max_requests": 100000})
+    ok, calls, outcome = ray.get(Caller.remote().run.remote(ctx.to_json(), "solo", 300))
+    assert (ok, outcome) == (300, "ok")
+    assert calls <= 300 // limits_mod.RayLimiter.MAX_BLOCK + 12
+    # Two workers against 30 requests left: never crossed, however the blocks fall.
+    server.reset()
+    ctx = ctx_for({"max_requests": 330})
+    workers = [Caller.remote() for _ in range(2)]
+    out = ray.get([w.run.remote(ctx.to_json(), f"w{i}", 24) for i, w in enumerate(workers)])
+    assert server.stats()["requests"] <= 30
+    assert "BudgetExceeded" in {o for _, _, o in out}
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ async client (its own retries off) and adds what a long synthesis run needs:
   exhausted :class:`LLMQuotaError` — at once, with what to fix;
 - **a durable journal** (:mod:`rankmill.llm.journal`): every completed answer is fsync'ed before
   it is returned, keyed by :func:`request_key`; a request whose key is journaled is answered
-  from the journal and never sent again, so a re-run after a crash re-sends only what was in
-  flight;
+  from the journal (one indexed lookup) and never sent again, so a re-run after a crash
+  re-sends only what was in flight; on an object-store run dir, ``chat``/``chat_many`` publish
+  what they journaled to the run dir before they return;
 - **bad answers are data**: ``finish_reason=length`` ("truncated"), content-filter refusals
   ("content_filter"), model refusals ("refusal"), empty ``choices`` ("empty_choices"), empty
   text ("empty_content") and unparseable bodies ("malformed_response") come back as
@@ -47,6 +48,7 @@ Use from a stage::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hashlib
 import importlib.util
@@ -78,7 +80,7 @@ from rankmill.errors import (
     LLMRetryExhausted,
 )
 from rankmill.llm import journal as journal_mod
-from rankmill.llm.journal import Journal, journal_dir
+from rankmill.llm.journal import Journal
 from rankmill.llm.limits import Limiter, endpoint_limits, make_limiter
 
 log = logging.getLogger(__name__)
@@ -380,9 +382,8 @@ class Gateway:
                 "runner starts its server); build the gateway after the runner started it"
             )
         self._key = self._read_key(endpoint, name)
-        self.journal = journal or Journal(journal_dir(run_dir))
-        self._entries = self.journal.load(endpoint=self.ep_id)
-        totals = self.journal.totals
+        self.journal = journal or Journal(run_dir)
+        totals = self.journal.totals()
         limits = endpoint_limits({name: endpoint})
         self.limiter: Limiter | None = make_limiter(
             shared or {}, run_dir, name, budget, limits, totals.cost_usd, totals.requests
@@ -411,7 +412,7 @@ class Gateway:
             name,
             self.ep_id,
             endpoint.model,
-            len(self._entries),
+            len(self.journal),
             endpoint.max_concurrency,
         )
 
@@ -481,7 +482,10 @@ class Gateway:
     # -- the public calls ----------------------------------------------------------------------
     async def chat(self, request: ChatRequest) -> ChatResult:
         """One request: from the journal if answered before, else sent (with retries)."""
-        return await self._chat(request, None)
+        try:
+            return await self._chat(request, None)
+        finally:
+            await self.journal.sync()  # on object storage: in the run dir before it is used
 
     async def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Run ``requests`` concurrently (up to max_concurrency); results in request order.
@@ -493,6 +497,7 @@ class Gateway:
         abort: list[BaseException] = []
         tasks = [asyncio.ensure_future(self._chat(r, abort)) for r in requests]
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        await self.journal.sync()  # on object storage: in the run dir before it is used
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             first = abort[0] if abort else errors[0]
@@ -560,14 +565,14 @@ class Gateway:
         self, req: ChatRequest, resample: int, abort: list[BaseException] | None
     ) -> ChatResult:
         key, params, seed, _ = self._prepare(req, resample)
-        entry = self._entries.get(key)
+        entry = self.journal.get(key)
         if entry is not None:
             self._count(entry, cached=True)
             return ChatResult.from_entry(entry, cached=True, tag=req.tag)
         pending = self._inflight.get(key)
         if pending is not None:  # the same request is already on its way: share its answer
             res = await asyncio.shield(pending)
-            return ChatResult.from_entry(self._entries[res.key], cached=True, tag=req.tag)
+            return dataclasses.replace(res, cached=True, tag=req.tag, attempts=0, resampled=0)
         fut: asyncio.Future[ChatResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -665,7 +670,6 @@ class Gateway:
             self.limiter.settle(est_tokens, pt + ct, est_cost, cost, True)
         # Durable before use: a crash after this line cannot make us pay again.
         await self.journal.append(entry)
-        self._entries[key] = entry
         self._count(entry, cached=False)
         result = ChatResult.from_entry(entry, cached=False, tag=req.tag)
         result.attempts = attempts
@@ -792,6 +796,8 @@ class Gateway:
             except RuntimeError:  # built on another, already closed loop
                 pass
             self._client = None
+        if self.limiter is not None:
+            self.limiter.close()
         self.journal.close()
 
     def close(self) -> None:
@@ -799,6 +805,8 @@ class Gateway:
             if self._client_loop is self._own_loop and not self._own_loop.is_closed():
                 self._own_loop.run_until_complete(self.aclose())
             self._client = None
+        if self.limiter is not None:
+            self.limiter.close()
         self.journal.close()
         if self._own_loop is not None and not self._own_loop.is_closed():
             self._own_loop.close()

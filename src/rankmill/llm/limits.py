@@ -10,8 +10,12 @@ the gateway raises :class:`rankmill.errors.BudgetExceeded`; nothing is sent.
 So that limits hold for the whole run and not per worker, the ledger lives in one named Ray
 actor per run, created on the driver by :func:`ensure_run_services` (the runner calls it
 before a stage that uses an endpoint and passes what it returns to the stage in
-``StageContext.shared``); workers find it by name. Without Ray (plain unit tests, direct use)
-the gateway falls back to an in-process ledger, one per run directory.
+``StageContext.shared``); workers find it by name. Workers do not call it per request: a
+:class:`RayLimiter` reserves requests in blocks (:meth:`RunLedger.grant`: start times spaced
+run-wide, the block's estimated cost held against the budget) and settles in batches
+(:meth:`RunLedger.settle_many`), so the actor sees a few calls per second per worker however
+many requests are in flight. Without Ray (plain unit tests, direct use) the gateway falls
+back to an in-process ledger, one per run directory.
 
 The budget is cumulative over the run directory: the ledger starts from what the journal
 says was already paid, so a stopped run resumes only after the limit is raised. Requests
@@ -29,6 +33,7 @@ Use::
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
@@ -91,29 +96,59 @@ class RunLedger:
 
     def reserve(self, endpoint: str, tokens: int, cost_usd: float, now: float) -> tuple[float, str]:
         """Reserve one request; returns (seconds to wait, "") or (-1, why it is refused)."""
+        granted, wait, _, why = self.grant(endpoint, 1, tokens, cost_usd, now)
+        return (wait, "") if granted else (-1.0, why)
+
+    def grant(
+        self,
+        endpoint: str,
+        n: int,
+        tokens_each: int,
+        cost_each: float,
+        now: float,
+        settle: tuple[int, float, int, float, int] | None = None,
+    ) -> tuple[int, float, float, str]:
+        """Reserve a block of up to ``n`` requests of ``tokens_each`` tokens and ``cost_each``
+        dollars (fewer when the budget has less left); ``settle`` first applies a batch of
+        settlements (see :meth:`settle_many`).
+
+        Returns ``(granted, delay, spacing, why)``: the block's requests may start at
+        ``delay``, ``delay + spacing``, ... seconds from ``now``; ``granted == 0`` means refused
+        and ``why`` says which limit.
+        """
+        if settle is not None:
+            self.settle_many(endpoint, *settle)
+        fit, why = n, ""
         if self.max_requests is not None:
-            if self.spent_requests + self.reserved_requests + 1 > self.max_requests:
-                return -1.0, (
+            left = self.max_requests - self.spent_requests - self.reserved_requests
+            if left < fit:
+                fit = max(0, left)
+                why = (
                     f"run.budget.max_requests={self.max_requests} reached "
                     f"({self.spent_requests} requests paid, {self.reserved_requests} in flight)"
                 )
         if self.max_cost_usd is not None:
-            projected = self.spent_cost_usd + self.reserved_cost_usd + cost_usd
-            if projected > self.max_cost_usd + 1e-12:
-                return -1.0, (
+            left_usd = self.max_cost_usd + 1e-12 - self.spent_cost_usd - self.reserved_cost_usd
+            by_cost = int(left_usd // cost_each) if cost_each > 0 else (n if left_usd >= 0 else 0)
+            if by_cost < fit:
+                fit = max(0, by_cost)
+                why = (
                     f"run.budget.max_cost_usd={self.max_cost_usd:g} would be crossed "
                     f"(${self.spent_cost_usd:.4f} spent, ${self.reserved_cost_usd:.4f} in flight, "
-                    f"next request up to ${cost_usd:.4f})"
+                    f"next request up to ${cost_each:.4f})"
                 )
-        self.reserved_requests += 1
-        self.reserved_cost_usd += cost_usd
+        if fit <= 0:
+            return 0, -1.0, 0.0, why
+        self.reserved_requests += fit
+        self.reserved_cost_usd += fit * cost_each
         pace = self.paces.get(endpoint)
         if pace is None:
-            return 0.0, ""
-        start = now
+            return fit, 0.0, 0.0, ""
+        start, spacing = now, 0.0
         if pace.rpm:
+            spacing = 60.0 / pace.rpm
             start = max(start, pace.next_slot)
-            pace.next_slot = start + 60.0 / pace.rpm
+            pace.next_slot = start + fit * spacing
         if pace.tpm:
             rate = pace.tpm / 60.0
             cap = _capacity(pace.tpm)
@@ -121,10 +156,30 @@ class RunLedger:
                 pace.tokens_at = now
             pace.tokens = min(cap, pace.tokens + (now - pace.tokens_at) * rate)
             pace.tokens_at = now
-            pace.tokens -= tokens
+            pace.tokens -= fit * tokens_each
             if pace.tokens < 0:
                 start = max(start, now - pace.tokens / rate)
-        return max(0.0, start - now), ""
+        return fit, max(0.0, start - now), spacing, ""
+
+    def settle_many(
+        self,
+        endpoint: str,
+        released: int,
+        released_cost: float,
+        sent: int,
+        cost_usd: float,
+        token_refund: int,
+    ) -> None:
+        """Settle a batch: ``released`` reservations (``released_cost`` of estimates) end,
+        ``sent`` of them were paid ``cost_usd`` in total, and ``token_refund`` estimated
+        tokens were not used."""
+        self.reserved_requests = max(0, self.reserved_requests - released)
+        self.reserved_cost_usd = max(0.0, self.reserved_cost_usd - released_cost)
+        self.spent_requests += sent
+        self.spent_cost_usd += cost_usd
+        pace = self.paces.get(endpoint)
+        if pace is not None and pace.tpm:
+            pace.tokens += token_refund
 
     def settle(
         self,
@@ -136,14 +191,14 @@ class RunLedger:
         sent: bool,
     ) -> None:
         """Replace a reservation's estimates with what the answer really used."""
-        self.reserved_requests = max(0, self.reserved_requests - 1)
-        self.reserved_cost_usd = max(0.0, self.reserved_cost_usd - est_cost)
-        if sent:
-            self.spent_requests += 1
-            self.spent_cost_usd += cost_usd
-        pace = self.paces.get(endpoint)
-        if pace is not None and pace.tpm:
-            pace.tokens += est_tokens - (tokens if sent else 0)
+        self.settle_many(
+            endpoint,
+            1,
+            est_cost,
+            1 if sent else 0,
+            cost_usd if sent else 0.0,
+            est_tokens - (tokens if sent else 0),
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -176,6 +231,9 @@ class Limiter:
     ) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Give back what this limiter holds (nothing, unless it reserves ahead)."""
+
 
 class LocalLimiter(Limiter):
     """A ledger in this process (shared by every gateway of the same run directory here)."""
@@ -201,24 +259,121 @@ class LocalLimiter(Limiter):
 
 
 class RayLimiter(Limiter):
-    """The run-wide ledger in a named Ray actor."""
+    """The run-wide ledger in a named Ray actor, reserved in blocks and settled in batches.
 
-    def __init__(self, endpoint: str, actor: Any):
+    A request does not call the actor: it takes a slot of a block this worker reserved
+    (a start time, its share of the budget and of the token bucket). When the block runs out
+    one request asks the actor for the next block, carrying the settlements gathered so far;
+    other settlements go in one fire-and-forget call every ``SETTLE_EVERY`` requests or
+    ``SETTLE_S`` seconds, and on :meth:`close` (which also returns what was not used).
+
+    A block is about ``BLOCK_S`` seconds of the endpoint's requests_per_minute (at most
+    ``MAX_BLOCK`` requests), or ``BUDGET_BLOCK`` requests when only a budget is set. Slots are
+    spaced run-wide by the actor, and a slot more than ``GRACE_S`` late is dropped (released),
+    so no window sees more than its share of requests. The budget is never crossed: a block
+    holds its requests' estimated cost until settled; it may stop a worker up to one block
+    per worker early.
+    """
+
+    BLOCK_S = 0.5
+    MAX_BLOCK = 64
+    BUDGET_BLOCK = 16
+    GRACE_S = 0.5
+    SETTLE_EVERY = 64
+    SETTLE_S = 0.5
+
+    def __init__(self, endpoint: str, actor: Any, rpm: float | None = None):
         super().__init__(endpoint)
         self.actor = actor
+        self.rpm = rpm
+        self._slots: collections.deque[float] = collections.deque()
+        self._cost_left = 0.0
+        self._tokens_left = 0
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._unsettled = [0, 0.0, 0, 0.0, 0]  # released, released cost, sent, cost, tokens
+        self._settled_at = time.monotonic()
+        self.calls = 0  # actor calls made (grants and settlements)
+
+    def _block_size(self, tokens: int) -> int:
+        if self.rpm:
+            return max(1, min(self.MAX_BLOCK, int(self.rpm / 60.0 * self.BLOCK_S)))
+        return self.BUDGET_BLOCK
+
+    def _take_settlement(self) -> tuple[int, float, int, float, int] | None:
+        u = self._unsettled
+        if not u[0] and not u[4]:
+            return None
+        self._unsettled = [0, 0.0, 0, 0.0, 0]
+        self._settled_at = time.monotonic()
+        return (u[0], u[1], u[2], u[3], u[4])
+
+    def _loop_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def reserve(self, tokens: int, cost_usd: float) -> None:
-        wait, why = await self.actor.reserve.remote(self.endpoint, tokens, cost_usd)
-        if wait < 0:
-            raise BudgetExceeded(_budget_message(why))
+        async with self._loop_lock():
+            while True:
+                now = time.monotonic()
+                if self.rpm:
+                    while self._slots and self._slots[0] < now - self.GRACE_S:
+                        self._slots.popleft()  # too late to use without a burst: give it back
+                        self._unsettled[0] += 1
+                if (
+                    self._slots
+                    and self._cost_left >= cost_usd - 1e-12
+                    and self._tokens_left >= tokens
+                ):
+                    slot = self._slots.popleft()
+                    self._cost_left -= cost_usd
+                    self._tokens_left -= tokens
+                    break
+                n = self._block_size(tokens)
+                self.calls += 1
+                granted, delay, spacing, why = await self.actor.grant.remote(
+                    self.endpoint, n, tokens, cost_usd, self._take_settlement()
+                )
+                if granted <= 0:
+                    raise BudgetExceeded(_budget_message(why))
+                base = time.monotonic() + delay
+                self._slots.extend(base + i * spacing for i in range(granted))
+                self._cost_left += granted * cost_usd
+                self._tokens_left += granted * tokens
+        wait = slot - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
 
     def settle(
         self, est_tokens: int, tokens: int, est_cost: float, cost_usd: float, sent: bool
     ) -> None:
-        # Fire and forget: the answer is not needed, and an actor call costs CPU to await.
-        self.actor.settle.remote(self.endpoint, est_tokens, tokens, est_cost, cost_usd, sent)
+        u = self._unsettled
+        u[0] += 1
+        u[1] += est_cost
+        u[2] += 1 if sent else 0
+        u[3] += cost_usd if sent else 0.0
+        u[4] += est_tokens - (tokens if sent else 0)
+        if u[0] >= self.SETTLE_EVERY or time.monotonic() - self._settled_at > self.SETTLE_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch = self._take_settlement()
+        if batch is not None:
+            self.calls += 1
+            # Fire and forget: the answer is not needed, and an actor call costs CPU to await.
+            self.actor.settle_many.remote(self.endpoint, *batch)
+
+    def close(self) -> None:
+        """Settle what is pending and give back what this worker reserved but did not use."""
+        self._unsettled[0] += len(self._slots)
+        self._unsettled[1] += self._cost_left
+        self._unsettled[4] += self._tokens_left
+        self._slots.clear()
+        self._cost_left = 0.0
+        self._tokens_left = 0
+        self._flush()
 
 
 def _budget_message(why: str) -> str:
@@ -235,6 +390,16 @@ class _LedgerActor(RunLedger):
         self, endpoint: str, tokens: int, cost_usd: float
     ) -> tuple[float, str]:
         return super().reserve(endpoint, tokens, cost_usd, time.monotonic())
+
+    def grant(  # type: ignore[override]
+        self,
+        endpoint: str,
+        n: int,
+        tokens_each: int,
+        cost_each: float,
+        settle: tuple[int, float, int, float, int] | None = None,
+    ) -> tuple[int, float, float, str]:
+        return super().grant(endpoint, n, tokens_each, cost_each, time.monotonic(), settle)
 
 
 # -- building them ---------------------------------------------------------------------------
@@ -255,7 +420,8 @@ def local_ledger(run_dir: str) -> tuple[RunLedger, threading.Lock, bool]:
 
 
 def ledger_name(run_dir: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+    key = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return f"rankmill-llm-ledger-{digest}"
 
 
@@ -288,8 +454,11 @@ def ensure_run_services(cfg: Any, run_dir: str, ray: Any = None) -> dict[str, An
     The driver holds a handle until its job ends (or :func:`release_run_services`).
     Returns ``{}`` when the run has no rate limits and no budget (no actor is needed).
     """
-    from rankmill.llm.journal import journal_dir, scan
+    from rankmill.llm.journal import maintain
 
+    # Publish what writers that died left behind and compact a journal that grew many
+    # segments: the driver does it once, before the stage's workers open the journal.
+    totals = maintain(run_dir)
     budget = cfg.run.budget.model_dump(mode="json")
     limits = endpoint_limits(cfg.endpoints)
     if not needs_ledger(budget, limits):
@@ -300,13 +469,18 @@ def ensure_run_services(cfg: Any, run_dir: str, ray: Any = None) -> dict[str, An
         ray = ray_module
     if not ray.is_initialized():
         return {}
-    _, totals = scan(journal_dir(run_dir))
     name = ledger_name(run_dir)
     actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(_LedgerActor)
-    actor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    # A named actor without its creating handle is garbage-collected: the driver keeps the
+    # first handle for the run (replacing it with a looked-up one would end the actor).
+    session = ray.get_runtime_context().get_node_id()  # a new Ray: a new actor
+    held = _driver_handles.get(name)
+    if held is not None and held[0] == session:
+        actor = held[1]
+    else:
+        actor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+        _driver_handles[name] = (session, actor)
     ray.get(actor.configure.remote(budget, limits, totals.cost_usd, totals.requests))
-    # A named actor without a handle is garbage-collected; the driver keeps one for the run.
-    _driver_handles[name] = actor
     log.info(
         "LLM ledger %s ready (%d requests, $%.4f already paid)",
         name,
@@ -334,7 +508,7 @@ def make_limiter(
 
             if ray.is_initialized():
                 actor = ray.get_actor(info["name"], namespace=info.get("namespace", NAMESPACE))
-                return RayLimiter(endpoint, actor)
+                return RayLimiter(endpoint, actor, rpm=(limits.get(endpoint) or {}).get("rpm"))
             log.warning(
                 "run ledger %s named but Ray is not initialized; limits are per process here",
                 info["name"],
