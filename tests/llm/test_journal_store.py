@@ -301,3 +301,26 @@ def test_live_store_is_wal_with_full_sync(tmp_path):
     conn.close()
     assert j._wconn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     j.close()
+
+
+def test_appends_from_several_threads_each_with_its_own_loop(tmp_path):
+    import asyncio
+    import threading
+
+    j = Journal(str(tmp_path / "run"))
+
+    def worker(t: int) -> None:
+        async def many() -> None:
+            await asyncio.gather(*(j.append(_entry(f"{t}-{i}")) for i in range(150)))
+
+        asyncio.run(many())
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(j.get(f"{t}-{i}") for t in range(4) for i in range(150))
+    assert j.totals().requests == 600
+    j.close()
+    assert read_totals(str(tmp_path / "run")).requests == 600

@@ -607,13 +607,15 @@ class Journal:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._filelock: FileLock | None = None
-        self._pending: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[None]]] = []
-        self._flushing = False
+        # Appends waiting for the next commit, per event loop (a Ray actor may run units in
+        # several threads, each with its own loop); _qlock guards them and the counters.
+        self._qlock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._flushing: set[asyncio.AbstractEventLoop] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._queued = 0  # entries handed to append
         self._seq = 0  # ... of which committed
         self._synced = 0  # ... of which published (object storage)
-        self._sync_task: asyncio.Future[None] | None = None
         self._own = JournalTotals()  # committed here and not yet in a listed segment
         _prepare(self.place)
         self._segments: dict[str, _Segment | None] = {}  # name -> open segment (lazy)
@@ -758,13 +760,15 @@ class Journal:
                 raise
 
     def _count(self, entries: list[dict[str, Any]]) -> None:
-        for e in entries:
-            self._own.add_entry(e)
-        self._seq += len(entries)
+        with self._qlock:
+            for e in entries:
+                self._own.add_entry(e)
+            self._seq += len(entries)
 
     def append_sync(self, entry: dict[str, Any]) -> None:
         """Append one entry durably, blocking (for code outside an event loop)."""
-        self._queued += 1
+        with self._qlock:
+            self._queued += 1
         self._write_durably([_row(entry)])
         self._count([entry])
 
@@ -772,30 +776,37 @@ class Journal:
         """Append ``entry``; returns once it is committed and fsync'ed (group commit)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queued += 1
-        self._pending.append((_row(entry), entry, fut))
-        if not self._flushing:
-            self._flushing = True
-            loop.create_task(self._flush_loop())
+        with self._qlock:
+            self._queued += 1
+            self._pending.setdefault(loop, []).append((_row(entry), entry, fut))
+            start = loop not in self._flushing
+            self._flushing.add(loop)
+        if start:
+            loop.create_task(self._flush_loop(loop))
         await fut
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            # One thread does the commits and publishes, so the event loop never blocks on disk.
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="rankmill-journal")
-        return self._executor
+        with self._qlock:
+            if self._executor is None:
+                # One thread commits and publishes, so no event loop blocks on the disk.
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="rankmill-journal")
+            return self._executor
 
-    async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _flush_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
+            while True:
+                with self._qlock:
+                    batch = self._pending.pop(loop, [])
+                    if not batch:
+                        self._flushing.discard(loop)
+                        return
                 try:
                     await loop.run_in_executor(
                         self._pool(), self._write_durably, [r for r, _, _ in batch]
                     )
                 except Exception as exc:  # the disk failed: every waiter must know
-                    self._queued -= len(batch)
+                    with self._qlock:
+                        self._queued -= len(batch)
                     for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
@@ -804,8 +815,10 @@ class Journal:
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
-        finally:
-            self._flushing = False
+        except BaseException:
+            with self._qlock:
+                self._flushing.discard(loop)
+            raise
 
     # -- publishing -------------------------------------------------------------------------------
     def _publish_now(self) -> None:
@@ -829,6 +842,10 @@ class Journal:
                 raise _corrupt(self.path, exc) from exc
             self._synced = seq
 
+    def _publish_upto(self, target: int) -> None:
+        if self._synced < target:  # an earlier publish in the queue may have covered it
+            self._publish_now()
+
     def sync_blocking(self) -> None:
         """Publish what this writer journaled to the run dir (object storage); a no-op on a
         local run dir, where the live store already is in the run dir."""
@@ -837,18 +854,15 @@ class Journal:
 
     async def sync(self) -> None:
         """Like :meth:`sync_blocking` for what was appended before the call, off the event
-        loop; concurrent callers share a publish."""
+        loop; callers that arrive together share one publish."""
         if not self.place.remote:
             return
         target = self._queued
-        while self._synced < target:
-            if self._seq < target:  # still being committed
-                await asyncio.sleep(0.001)
-                continue
-            if self._sync_task is None or self._sync_task.done():
-                loop = asyncio.get_running_loop()
-                self._sync_task = loop.run_in_executor(self._pool(), self._publish_now)
-            await asyncio.shield(self._sync_task)
+        while self._seq < target:  # still being committed
+            await asyncio.sleep(0.001)
+        if self._synced < target:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool(), self._publish_upto, target)
 
     def close(self) -> None:
         """Publish this writer's entries as a segment and remove its live store. The journal
