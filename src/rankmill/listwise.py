@@ -136,8 +136,8 @@ def window_bounds(n: int, window: int = 20, step: int = 10) -> list[tuple[int, i
     """
     if window < 2 or step < 1:
         raise ValueError("window must be >= 2 and step >= 1")
-    if n <= 0:
-        return []
+    if n <= 1:
+        return []  # nothing to order
     if n <= window:
         return [(0, n)]
     bounds = []

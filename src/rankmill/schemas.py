@@ -103,6 +103,110 @@ LABELS = pa.schema(
     ]
 )
 
+# The pointwise teacher's reasoning, one row per labels row of a reasoning or score mode
+# ``label`` stage (same query_id, doc_id, sample_index): kept apart from the verdict so that
+# data with and without reasoning can be exported.
+REASONING = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("reasoning", pa.string()),  # the text before the conclusion, <think> tags off
+        pa.field("verdict", pa.bool_(), nullable=False),
+        pa.field("raw_score", pa.int32()),  # the 0-10 score written (score mode)
+        pa.field("score_probability", pa.float64()),  # P(raw_score) from logprobs
+        pa.field("score", pa.float64()),  # ERank's raw_score x P(raw_score)
+        pa.field("repaired", pa.bool_()),  # concluded by the forced-verdict repair
+        pa.field("request_key", pa.string()),
+        pa.field("repair_request_key", pa.string()),
+    ]
+)
+
+# One label per (query, doc) over its samples, written by ``label``: ``majority`` of verdicts
+# or ERank's ``closest_to_mean`` score; ``kept_sample`` is the sample whose reasoning is kept.
+CONSENSUS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("rule", pa.string()),
+        pa.field("verdict", pa.bool_(), nullable=False),
+        pa.field("score", pa.float64()),  # mean of s x P(s) over samples (score mode)
+        pa.field("p_yes", pa.float64()),  # mean P(yes) over samples, where logprobs came back
+        pa.field("samples", pa.int32()),
+        pa.field("agreement", pa.float64()),  # share of samples with the consensus verdict
+        pa.field("kept_sample", pa.int32()),
+        pa.field("reasoning", pa.string()),  # the kept sample's reasoning (null for verdicts)
+        pa.field("kept_score", pa.float64()),
+    ]
+)
+
+# Synthetic queries' lineage, written by ``queries``: one row per query it wrote, kept or not.
+LINEAGE = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("kind", pa.string()),  # question, reasoning, keywords
+        pa.field("template", pa.string()),
+        pa.field("prompt_sha256", pa.string()),  # of the template text it was rendered from
+        pa.field("source_doc_id", pa.string()),
+        pa.field("parent_query_id", pa.string()),  # the query a keyword query reformulates
+        pa.field("endpoint", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("request_key", pa.string()),
+        pa.field("roundtrip_rank", pa.int32()),  # source doc's rank for the query, null if missed
+        pa.field("status", pa.string()),  # "kept" or the reject reason
+    ]
+)
+
+# Synthetic hard-negative documents written by ``queries`` (ReasonIR): never in the corpus,
+# always marked synthetic, tied to the query they were written against.
+SYNTHETIC_NEGATIVES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),  # "synthetic:<hash>"
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("source_doc_id", pa.string()),
+        pa.field("synthetic", pa.bool_(), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("request_key", pa.string()),
+    ]
+)
+
+# Listwise teacher output, written by ``rank``: the final ranking of each query's pool that
+# passed the self-consistency filter, with its NDCG@10 against the known relevant documents.
+RANKINGS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_ids", pa.list_(pa.string()), nullable=False),  # teacher's order, best first
+        pa.field("input_doc_ids", pa.list_(pa.string())),  # the pool's order before ranking
+        pa.field("ndcg10", pa.float64()),  # null when no relevant document is known
+        pa.field("relevance_from", pa.string()),  # "qrels", "source_doc", "labels" or "none"
+        pa.field("windows", pa.int32()),
+        pa.field("rejected_windows", pa.int32()),  # answers rejected; the window kept its order
+        pa.field("model", pa.string()),
+    ]
+)
+
+# Every window the listwise teacher ranked, for the queries ``rank`` kept.
+WINDOWS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("pass_index", pa.int32()),
+        pa.field("window_index", pa.int32()),
+        pa.field("start", pa.int32()),  # 0-based position of the window in the ranking
+        pa.field("input_doc_ids", pa.list_(pa.string())),  # as shown: [1]..[n]
+        pa.field("output_doc_ids", pa.list_(pa.string())),
+        pa.field("reasoning", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("repairs", pa.string()),  # JSON {kind: count}
+        pa.field("status", pa.string()),  # "ok" or the reason the answer was not used
+        pa.field("request_key", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+    ]
+)
+
 # Hard negatives per query, written by ``mine``. Scores are on the scale of ``score_kind``
 # ("dense": cosine of the mining model; "cross_encoder": the rescoring model's score), so a
 # trainer can apply its own margin; ranks are 1-based positions in the ranking they were

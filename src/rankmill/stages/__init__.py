@@ -13,6 +13,8 @@ BUILTIN: dict[str, str] = {
     "mine": "rankmill.stages.mine:MineStage",
     "label": "rankmill.stages.label:LabelStage",
     "export": "rankmill.stages.export:ExportStage",
+    "queries": "rankmill.stages.queries:QueriesStage",
+    "rank": "rankmill.stages.rank:RankStage",
 }
 
 

@@ -21,6 +21,28 @@ chooses explicitly. A pipeline snippet::
 Teacher and judge stages grow from this one: the prompt is a parameter (a ``prompts/<name>.j2``
 with ``system``/``user`` blocks that sees ``query``, ``document`` and ``answer_format``), and
 ``judge`` in each row names the stage, so several label stages form an ensemble.
+
+As a pointwise **teacher**, ``mode`` picks what the model writes:
+
+- ``verdict`` (the default): an immediate yes/no (or JSON) verdict, P(yes) from logprobs;
+- ``reasoning`` (Rank1): ``<think>reasoning</think>`` then ``true``/``false``;
+- ``score`` (ERank): ``<think>reasoning</think>`` then ``Score: N`` (0-10); the label's score
+  is ``N * P(N)`` with ``P(N)`` read from the logprobs of the score's tokens.
+
+A reasoning answer that ends without its conclusion (cut at ``max_tokens`` or wandering) is
+repaired as Rank1 does: the reasoning is cut back to its last full sentence and sent back as
+the assistant's turn, with a user turn (``prompts/label_conclude.j2``) asking for the
+conclusion, which a JSON schema forces (``verdict_repairs`` counts them; the row's
+``repaired`` says which). Reasoning goes to the ``reasoning`` table and the verdict or score
+to ``labels``, so data with and without reasoning can be exported. ``consensus`` holds one
+row per pair over its ``samples`` answers: ``majority`` for verdicts, ``closest_to_mean`` for
+scores (ERank: the sample whose score is nearest the mean is the one kept)::
+
+    label:
+      endpoint: teacher
+      mode: score
+      samples: 4
+      temperature: 0.7
 """
 
 from __future__ import annotations
@@ -37,8 +59,16 @@ from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
 from rankmill.manifest import Counters
+from rankmill.pointwise import (
+    closest_to_mean,
+    cut_to_last_sentence,
+    forced_verdict_schema,
+    majority,
+    parse_conclusion,
+    score_probability,
+)
 from rankmill.prompting import fence, render_messages
-from rankmill.schemas import CANDIDATES, CORPUS, LABELS, QRELS, QUERIES
+from rankmill.schemas import CANDIDATES, CONSENSUS, CORPUS, LABELS, QRELS, QUERIES, REASONING
 from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, load_prompt, rejects_table
 
 if TYPE_CHECKING:
@@ -159,13 +189,14 @@ def document_text(title: str | None, text: str, max_chars: int) -> tuple[str, bo
 
 
 def label_messages(
-    template: str, query: str, document: str, answer_format: str
+    template: str, query: str, document: str, answer_format: str, fenced: bool = True
 ) -> list[dict[str, str]]:
-    """The chat messages for one pair; query and document are fenced as untrusted text."""
+    """The chat messages for one pair; query and document are fenced as untrusted text
+    (``fenced=False`` exists only to measure what fencing buys: never in a pipeline)."""
     return render_messages(
         template,
-        query=fence(query, "QUERY"),
-        document=fence(document, "DOCUMENT"),
+        query=fence(query, "QUERY") if fenced else query,
+        document=fence(document, "DOCUMENT") if fenced else document,
         answer_format=answer_format,
     )
 
@@ -177,10 +208,29 @@ class LabelParams(StageParams):
     not_fingerprinted: ClassVar[frozenset[str]] = StageParams.not_fingerprinted | {"rows_per_unit"}
 
     endpoint: str = Field(..., description="Name of the LLM endpoint (under endpoints:) to ask.")
-    prompt: str = Field(
-        "label",
+    mode: Literal["verdict", "reasoning", "score"] = Field(
+        "verdict",
+        description="'verdict': an immediate yes/no; 'reasoning' (Rank1): reasoning, then "
+        "true/false; 'score' (ERank): reasoning, then an integer 0-10 weighted by its "
+        "probability.",
+    )
+    prompt: str | None = Field(
+        None,
         description="Prompt template prompts/<prompt>.j2 (blocks system/user; variables query, "
-        "document, answer_format).",
+        "document, answer_format). Default: label, label_reasoning or label_score by mode.",
+    )
+    consensus: Literal["auto", "majority", "closest_to_mean"] = Field(
+        "auto",
+        description="How the samples of a pair agree on one label: 'majority' of verdicts, or "
+        "ERank's 'closest_to_mean' score; 'auto' = closest_to_mean for scores, else majority.",
+    )
+    repair_verdicts: bool = Field(
+        True,
+        description="Repair a reasoning answer without a conclusion: cut it to its last full "
+        "sentence and force the verdict or score with a JSON schema (Rank1).",
+    )
+    score_threshold: int = Field(
+        5, ge=0, le=10, description="In score mode, a raw score at least this is verdict true."
     )
     answer_format: Literal["json", "word"] = Field(
         "json",
@@ -204,8 +254,9 @@ class LabelParams(StageParams):
         None,
         ge=1,
         le=4096,
-        description="Answer token limit; a longer answer is a 'truncated' reject. "
-        "None: 8 for word answers, 24 for json.",
+        description="Answer token limit; a longer answer is a 'truncated' reject (repaired "
+        "in reasoning and score modes). None: 8 for word answers, 24 for json, 384 with "
+        "reasoning.",
     )
     logprobs: bool = Field(
         True, description="Ask for logprobs to compute p_yes (off for endpoints without them)."
@@ -242,6 +293,18 @@ class LabelParams(StageParams):
             raise ValueError("top_logprobs must be >= 1 when logprobs is on (P(yes) needs them)")
         return self
 
+    @property
+    def template(self) -> str:
+        return self.prompt or {"verdict": "label", "reasoning": "label_reasoning"}.get(
+            self.mode, "label_score"
+        )
+
+    @property
+    def consensus_rule(self) -> str:
+        if self.consensus != "auto":
+            return self.consensus
+        return "closest_to_mean" if self.mode == "score" else "majority"
+
 
 # -- the stage -------------------------------------------------------------------------------
 class LabelStage(Stage):
@@ -252,13 +315,20 @@ class LabelStage(Stage):
     Params = LabelParams
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"candidates": CANDIDATES, "qrels": QRELS}
-    outputs: ClassVar[dict[str, pa.Schema]] = {"labels": LABELS}
+    outputs: ClassVar[dict[str, pa.Schema]] = {
+        "labels": LABELS,
+        "reasoning": REASONING,
+        "consensus": CONSENSUS,
+    }
     prompts: ClassVar[tuple[str, ...]] = ("label",)
 
     params: LabelParams
 
     def prompt_texts(self) -> dict[str, str]:
-        return {self.params.prompt: load_prompt(self.params.prompt)}
+        names = [self.params.template]
+        if self.params.mode != "verdict" and self.params.repair_verdicts:
+            names.append("label_conclude")
+        return {name: load_prompt(name) for name in names}
 
     # -- planning (driver) ----------------------------------------------------------------------
     def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
@@ -277,7 +347,12 @@ class LabelStage(Stage):
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
-        self._template = self.prompt_text(self.params.prompt)
+        self._template = self.prompt_text(self.params.template)
+        self._conclude = (
+            self.prompt_text("label_conclude")
+            if self.params.mode != "verdict" and self.params.repair_verdicts
+            else None
+        )
         self._endpoint = self.ctx.endpoint(self.params.endpoint)
         self._gw = Gateway.from_context(self.ctx, self.params.endpoint)
 
@@ -288,14 +363,17 @@ class LabelStage(Stage):
 
     def request_params(self) -> dict[str, Any]:
         p = self.params
-        max_tokens = p.max_tokens or (24 if p.answer_format == "json" else 8)
+        if p.mode != "verdict":
+            max_tokens = p.max_tokens or 384
+        else:
+            max_tokens = p.max_tokens or (24 if p.answer_format == "json" else 8)
         params: dict[str, Any] = {"temperature": p.temperature, "max_tokens": max_tokens}
         if p.top_p is not None:
             params["top_p"] = p.top_p
         if p.logprobs:
             params["logprobs"] = True
             params["top_logprobs"] = p.top_logprobs
-        if p.answer_format == "json" and p.response_format != "none":
+        if p.mode == "verdict" and p.answer_format == "json" and p.response_format != "none":
             params["response_format"] = _response_format(p.response_format)
         return params
 
@@ -326,6 +404,9 @@ class LabelStage(Stage):
             if cut:
                 counters.extra["docs_cut"] = counters.extra.get("docs_cut", 0.0) + 1
             todo.append((r, label_messages(self._template, query, doc, p.answer_format)))
+
+        if p.mode != "verdict":
+            return self._process_reasoning(unit, rows, todo, rejects, counters, params)
 
         # (pair index, sample index) -> the answer that parsed, or the last bad one.
         pending = [(i, s) for i in range(len(todo)) for s in range(p.samples)]
@@ -379,7 +460,7 @@ class LabelStage(Stage):
                     "judge": self.ctx.stage_name,
                     "endpoint": p.endpoint,
                     "model": self._endpoint.model,
-                    "prompt": p.prompt,
+                    "prompt": p.template,
                     "seed": res.seed,
                     "attempt": attempt,
                     "request_key": res.key,
@@ -395,6 +476,17 @@ class LabelStage(Stage):
             if p.logprobs and p_yes is None:
                 counters.extra["no_logprobs"] = counters.extra.get("no_logprobs", 0.0) + 1
 
+        return self._finish(unit, labels, [], rejects, counters)
+
+    def _finish(
+        self,
+        unit: WorkUnit,
+        labels: list[dict[str, Any]],
+        reasoning: list[dict[str, Any]],
+        rejects: list[dict[str, Any]],
+        counters: Counters,
+    ) -> UnitOutput:
+        consensus = consensus_rows(labels, reasoning, self.params.consensus_rule)
         self._gw.fill_counters(counters)
         counters.rows_out = len(labels)
         for rej in rejects:
@@ -402,10 +494,154 @@ class LabelStage(Stage):
         return UnitOutput(
             {
                 "labels": pa.Table.from_pylist(labels, schema=LABELS),
+                "reasoning": pa.Table.from_pylist(reasoning, schema=REASONING),
+                "consensus": pa.Table.from_pylist(consensus, schema=CONSENSUS),
                 "rejects": rejects_table(rejects, self.ctx.stage_name, unit.unit_id),
             },
             counters,
         )
+
+    def _process_reasoning(
+        self,
+        unit: WorkUnit,
+        rows: list[dict[str, Any]],
+        todo: list[tuple[dict[str, Any], list[dict[str, str]]]],
+        rejects: list[dict[str, Any]],
+        counters: Counters,
+        params: dict[str, Any],
+    ) -> UnitOutput:
+        """Reasoning answers (Rank1 verdicts or ERank scores), repaired when they did not
+        conclude, then one labels row and one reasoning row per sample."""
+        from rankmill.llm import ChatRequest
+
+        p = self.params
+        kind = "score" if p.mode == "score" else "verdict"
+        pending = [(i, s) for i in range(len(todo)) for s in range(p.samples)]
+        reqs = [
+            ChatRequest(messages=todo[i][1], sample_index=s, params=params, resample_bad=0)
+            for i, s in pending
+        ]
+        first = self._gw.chat_many_sync(reqs)
+        answers: dict[tuple[int, int], dict[str, Any]] = {}
+        repairs: list[tuple[tuple[int, int], list[dict[str, str]]]] = []
+        for (i, s), res in zip(pending, first, strict=True):
+            concl = parse_conclusion(res.text, kind) if res.text else None
+            done = concl is not None and (concl.verdict is not None or concl.score is not None)
+            answers[(i, s)] = {"res": res, "concl": concl, "repair": None}
+            if done and (res.ok or res.reject_reason == "truncated"):
+                continue
+            repairable = res.ok or (res.reject_reason == "truncated" and res.text)
+            if p.repair_verdicts and self._conclude is not None and repairable:
+                cut = cut_to_last_sentence(concl.reasoning if concl else (res.text or ""))
+                msgs = [
+                    *todo[i][1],
+                    {"role": "assistant", "content": f"<think>{cut}</think>"},
+                    *render_messages(self._conclude, kind=kind),
+                ]
+                repairs.append(((i, s), msgs))
+                answers[(i, s)]["cut"] = cut
+        if repairs:
+            forced = {
+                "temperature": 0.0,
+                "max_tokens": 16,
+                "response_format": _schema_format(p.response_format, forced_verdict_schema(kind)),
+            }
+            if p.logprobs:
+                forced.update(logprobs=True, top_logprobs=p.top_logprobs)
+            results = self._gw.chat_many_sync(
+                [
+                    ChatRequest(messages=m, sample_index=s, params=forced, resample_bad=0)
+                    for (_, s), m in repairs
+                ]
+            )
+            for ((i, s), _), res in zip(repairs, results, strict=True):
+                answers[(i, s)]["repair"] = res
+            counters.extra["verdict_repairs"] = counters.extra.get("verdict_repairs", 0.0) + len(
+                repairs
+            )
+
+        labels: list[dict[str, Any]] = []
+        reasoning: list[dict[str, Any]] = []
+        for (i, s), a in sorted(answers.items()):
+            r = todo[i][0]
+            res, concl, rep = a["res"], a["concl"], a["repair"]
+            verdict, score, logprobs, final = None, None, res.logprobs, res
+            text_reasoning = concl.reasoning if concl else ""
+            if rep is None and concl is not None and (res.ok or res.reject_reason == "truncated"):
+                verdict, score = concl.verdict, concl.score
+            elif rep is not None and rep.ok:
+                verdict, score = _forced_value(rep.text, kind)
+                logprobs, final = rep.logprobs, rep
+                text_reasoning = a.get("cut", text_reasoning)
+            if verdict is None and score is None:
+                why = "no_verdict"
+                if rep is not None and not rep.ok:
+                    why = rep.reject_reason or why
+                elif rep is None and not res.ok:
+                    why = res.reject_reason or why
+                detail = {
+                    "sample_index": s,
+                    "finish_reason": res.finish_reason,
+                    "answer": (res.text or "")[:300],
+                    "request_key": res.key,
+                    "repair_request_key": rep.key if rep is not None else None,
+                }
+                rejects.append(_reject(r, why, s, detail))
+                continue
+            expected = None
+            if kind == "score":
+                assert score is not None
+                p_s = score_probability(logprobs, score) if p.logprobs else None
+                if p.logprobs and p_s is None:
+                    counters.extra["no_logprobs"] = counters.extra.get("no_logprobs", 0.0) + 1
+                expected = score * p_s if p_s is not None else float(score)
+                verdict = score >= p.score_threshold
+                p_yes = None
+            else:
+                p_yes = p_yes_from_logprobs(list(reversed(logprobs or []))) if p.logprobs else None
+                p_s = None
+            labels.append(
+                {
+                    "query_id": r["query_id"],
+                    "doc_id": r["doc_id"],
+                    "sample_index": s,
+                    "verdict": bool(verdict),
+                    "p_yes": p_yes,
+                    "judge": self.ctx.stage_name,
+                    "endpoint": p.endpoint,
+                    "model": self._endpoint.model,
+                    "prompt": p.template,
+                    "seed": res.seed,
+                    "attempt": 0,
+                    "request_key": res.key,
+                    "cached": bool(res.cached and (rep is None or rep.cached)),
+                    "prompt_tokens": res.prompt_tokens + (rep.prompt_tokens if rep else 0),
+                    "completion_tokens": res.completion_tokens
+                    + (rep.completion_tokens if rep else 0),
+                    "answer": (final.text or "").strip()[-200:]
+                    if rep is not None
+                    else (concl.conclusion_text if concl else ""),
+                    "pair_source": r["pair_source"],
+                    "rank": r["rank"],
+                    "qrel_score": r["qrel_score"],
+                }
+            )
+            reasoning.append(
+                {
+                    "query_id": r["query_id"],
+                    "doc_id": r["doc_id"],
+                    "sample_index": s,
+                    "reasoning": text_reasoning,
+                    "verdict": bool(verdict),
+                    "raw_score": score,
+                    "score_probability": p_s,
+                    "score": expected,
+                    "repaired": rep is not None,
+                    "request_key": res.key,
+                    "repair_request_key": rep.key if rep is not None else None,
+                }
+            )
+        return self._finish(unit, labels, reasoning, rejects, counters)
 
     def _judge(self, res: ChatResult) -> tuple[bool | None, str]:
         if not res.ok:
@@ -422,14 +658,84 @@ VERDICT_SCHEMA: dict[str, Any] = {
 
 
 def _response_format(kind: str) -> dict[str, Any]:
-    if kind == "json_object_schema":
-        return {"type": "json_object", "schema": VERDICT_SCHEMA}
+    return _schema_format(kind, VERDICT_SCHEMA)
+
+
+def _schema_format(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
     if kind == "json_schema":
         return {
             "type": "json_schema",
-            "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": True},
+            "json_schema": {"name": "verdict", "schema": schema, "strict": True},
         }
-    return {"type": "json_object"}
+    if kind == "json_object":
+        return {"type": "json_object"}
+    # "none" still needs a grammar here: a forced conclusion is the point of the repair.
+    return {"type": "json_object", "schema": schema}
+
+
+def _forced_value(text: str | None, kind: str) -> tuple[bool | None, int | None]:
+    """The verdict or score of a forced JSON conclusion; (None, None) when it does not parse."""
+    if not text:
+        return None, None
+    try:
+        obj = json.loads(text.strip())
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    if kind == "score":
+        v = obj.get("score")
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10:
+            return None, v
+        return None, None
+    v = obj.get("relevant")
+    return (v, None) if isinstance(v, bool) else (None, None)
+
+
+def consensus_rows(
+    labels: list[dict[str, Any]], reasoning: list[dict[str, Any]], rule: str
+) -> list[dict[str, Any]]:
+    """One row per (query, doc) over its samples: the agreed label and the sample kept."""
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in labels:
+        by_pair.setdefault((row["query_id"], row["doc_id"]), []).append(row)
+    why = {(r["query_id"], r["doc_id"], r["sample_index"]): r for r in reasoning}
+    out = []
+    for (q, d), rows in by_pair.items():
+        rows = sorted(rows, key=lambda r: r["sample_index"])
+        reasons = [why.get((q, d, r["sample_index"])) for r in rows]
+        scores = [x["score"] if x is not None else None for x in reasons]
+        if rule == "closest_to_mean" and all(v is not None for v in scores):
+            idx, mean = closest_to_mean([float(v) for v in scores])  # type: ignore[arg-type]
+            verdict = bool(rows[idx]["verdict"])
+            score: float | None = mean
+        else:
+            verdict = majority([r["verdict"] for r in rows], [r["p_yes"] for r in rows])
+            idx = (
+                next(i for i, r in enumerate(rows) if r["verdict"] == verdict)
+                if any(r["verdict"] == verdict for r in rows)
+                else 0
+            )
+            score = None
+        agree = sum(1 for r in rows if r["verdict"] == verdict) / len(rows)
+        probs = [r["p_yes"] for r in rows if r["p_yes"] is not None]
+        kept = reasons[idx]
+        out.append(
+            {
+                "query_id": q,
+                "doc_id": d,
+                "rule": rule,
+                "verdict": verdict,
+                "score": score,
+                "p_yes": sum(probs) / len(probs) if probs else None,
+                "samples": len(rows),
+                "agreement": agree,
+                "kept_sample": rows[idx]["sample_index"],
+                "reasoning": kept["reasoning"] if kept is not None else None,
+                "kept_score": kept["score"] if kept is not None else None,
+            }
+        )
+    return sorted(out, key=lambda r: (r["query_id"], r["doc_id"]))
 
 
 def _reject(
