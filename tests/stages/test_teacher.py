@@ -21,8 +21,8 @@ SOURCE = "tests.fixtures.teacher_source:TeacherSource"
 
 
 def _run(raw: dict, run_dir):
-    from rankmill.config import validate_pipeline
     from rankmill.manifest import RunDir
+    from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
 
     Runner(validate_pipeline(raw), str(run_dir)).run()
