@@ -49,8 +49,10 @@ app = typer.Typer(
     help="rankmill: training-data synthesis for retrievers and rerankers.",
 )
 # Wide enough for the status table when output goes to a file or CI log.
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
+# Text from files and errors is printed as it is: no emoji codes (":100:"), and messages are
+# one line however narrow the terminal (soft_wrap), so logs and tests read them whole.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 140, emoji=False)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 
 def _error(exc: Exception, code: int) -> typer.Exit:
@@ -162,6 +164,15 @@ def run(
             raise typer.Exit(EXIT_BUDGET) from exc
         except RankmillError as exc:
             raise _error(exc, _exit_code(exc)) from exc
+        except SystemExit as exc:
+            # Ray's driver turns SIGTERM into SystemExit(15); the runner has unwound by now.
+            if exc.code != signal.SIGTERM:
+                raise
+            err_console.print(
+                "[yellow]interrupted:[/yellow] workers and local servers stopped; committed "
+                "work is kept, run the same command again to resume"
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
             err_console.print(
                 "[yellow]interrupted:[/yellow] workers and local servers stopped; committed "

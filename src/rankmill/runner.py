@@ -426,6 +426,11 @@ class Runner:
         stage_fp = stage_fingerprint(rs, up_digests)
         plan = self._read_plan_for_run(name)
         if plan is not None and plan.fingerprint == stage_fp and self.rd.is_complete(name):
+            try:
+                self.rd.check_unchanged(name, plan)
+            except CorruptData as exc:
+                self._quarantine(exc)
+                raise _Restart(name) from None
             fps[name] = stage_fp
             outcome.units_total = outcome.units_skipped = len(plan.units)
             self.on_event("stage_skipped", stage=name, units=len(plan.units))
@@ -751,12 +756,50 @@ class Runner:
         if self._ray_started_here:
             import ray
 
+            # A private Ray's processes are this process's children; its agents can outlive
+            # ray.shutdown() by many seconds, so whatever is left is ended here.
+            children = _children()
             with contextlib.suppress(Exception):
                 ray.shutdown()
+            _reap(children)
             self._ray_started_here = False
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _children() -> list[Any]:
+    """This process's Ray processes (raylet, GCS, agents, workers), not its other children
+    (a local LLM server, a test's fake server)."""
+    try:
+        import psutil
+
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(p.cmdline())
+                if cmd.startswith("ray::") or "/ray/" in cmd or "site-packages/ray" in cmd:
+                    out.append(p)
+        return out
+    except Exception:
+        return []
+
+
+def _reap(procs: list[Any], grace_s: float = 3.0) -> None:
+    """Terminate what is left of ``procs`` (then kill it after ``grace_s``)."""
+    if not procs:
+        return
+    import psutil
+
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def _json(obj: Any) -> bytes:
