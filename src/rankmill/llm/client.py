@@ -48,6 +48,7 @@ Use from a stage::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import email.utils
 import hashlib
@@ -55,6 +56,7 @@ import importlib.util
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +91,11 @@ if logging.getLogger("httpx2").level == logging.NOTSET:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 T = TypeVar("T")
+
+# The usage tally of the unit whose thread made the current call (see Gateway.run).
+_UNIT_TALLY: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "rankmill_unit_tally", default=None
+)
 
 try:
     import orjson
@@ -402,6 +409,9 @@ class Gateway:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
         self._own_loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._local = threading.local()
         self._inflight: dict[str, asyncio.Future[ChatResult]] = {}
         self._totals = _Tally()
         self._taken = _Tally()
@@ -505,16 +515,43 @@ class Gateway:
         return results  # type: ignore[return-value]
 
     def run(self, coro: Awaitable[T]) -> T:
-        """Run a coroutine of this gateway from plain (non-async) code, e.g. Stage.process."""
+        """Run a coroutine of this gateway from plain (non-async) code, e.g. Stage.process.
+
+        Every thread's calls run on one event loop of the gateway's own (a background
+        thread), so units that an actor processes at once share its concurrency limit and
+        connection pool: while one unit waits for its slowest answer, the next unit's requests
+        already fill the free slots. Usage is counted per calling thread (one unit)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             pass
         else:
             raise RuntimeError("Gateway.run() is for sync code; inside a coroutine, await it")
-        if self._own_loop is None or self._own_loop.is_closed():
-            self._own_loop = asyncio.new_event_loop()
-        return self._own_loop.run_until_complete(coro)  # type: ignore[arg-type]
+        loop = self._background_loop()
+        tally = self._thread_tally()
+
+        async def scoped() -> T:
+            _UNIT_TALLY.set(tally)  # seen by every task this call creates (context copies)
+            return await coro  # type: ignore[misc]
+
+        return asyncio.run_coroutine_threadsafe(scoped(), loop).result()
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._own_loop is None or self._own_loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name=f"rankmill-gateway-{self.name}", daemon=True
+                )
+                thread.start()
+                self._own_loop, self._loop_thread = loop, thread
+            return self._own_loop
+
+    def _thread_tally(self) -> _Tally:
+        tally = getattr(self._local, "tally", None)
+        if tally is None:
+            tally = self._local.tally = _Tally()
+        return tally
 
     def chat_many_sync(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         return self.run(self.chat_many(requests))
@@ -759,8 +796,8 @@ class Gateway:
 
     # -- accounting ----------------------------------------------------------------------------
     def _count(self, entry: dict[str, Any], cached: bool) -> None:
-        for tally in (self._totals, self._taken):
-            tally.add(entry, cached)
+        self._totals.add(entry, cached)
+        (_UNIT_TALLY.get() or self._taken).add(entry, cached)
 
     def counters(self) -> dict[str, Any]:
         """Totals since the gateway was built: llm_calls (answers paid for now), llm_cached
@@ -770,6 +807,11 @@ class Gateway:
 
     def take_counters(self) -> dict[str, Any]:
         """Like :meth:`counters`, but only what happened since the last take (per unit)."""
+        if getattr(self._local, "tally", None) is not None:
+            # this thread calls through run(): its own usage (one unit's)
+            out = self._local.tally.as_dict()
+            self._local.tally = _Tally()
+            return out
         out = self._taken.as_dict()
         self._taken = _Tally()
         return out
@@ -801,16 +843,22 @@ class Gateway:
         self.journal.close()
 
     def close(self) -> None:
+        loop = self._own_loop
+        own = loop is not None and not loop.is_closed()
         if self._client is not None and self._client_loop is not None:
-            if self._client_loop is self._own_loop and not self._own_loop.is_closed():
-                self._own_loop.run_until_complete(self.aclose())
+            if own and self._client_loop is loop:
+                asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=60)
             self._client = None
         if self.limiter is not None:
             self.limiter.close()
         self.journal.close()
-        if self._own_loop is not None and not self._own_loop.is_closed():
-            self._own_loop.close()
+        if own:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=10)
+            loop.close()
         self._own_loop = None
+        self._loop_thread = None
 
     def __repr__(self) -> str:
         return f"Gateway({self.name!r}, {self.ep_id!r}, model={self.endpoint.model!r})"

@@ -313,6 +313,9 @@ class LabelStage(Stage):
     name = "label"
     version = "1"
     Params = LabelParams
+    # process() only reads what setup() built; units in flight share the actor's gateway, so
+    # the endpoint stays busy while a unit waits for its slowest answer.
+    max_units_in_flight: ClassVar[int] = 4
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"candidates": CANDIDATES, "qrels": QRELS}
     outputs: ClassVar[dict[str, pa.Schema]] = {
