@@ -7,6 +7,7 @@ import time
 import pytest
 
 from rankmill.manifest import RunDir
+from rankmill.stages.export import export_files
 from tests.fixtures.cli import finish
 
 
@@ -23,6 +24,11 @@ def test_quickstart_runs_completes_and_resumes_for_free(tmp_path, repo):
     rd = RunDir(str(run_dir))
     corpus = rd.read_table("ingest", "corpus")
     assert corpus.num_rows >= 200
+    # it ends with training views and the report
+    manifest, files = export_files(str(run_dir))
+    built = {v["view"] for v in manifest["views"] if v["status"] == "built"}
+    assert {"n-tuple", "pointwise", "flagembedding", "tevatron"} <= built
+    assert (run_dir / "report.html").read_text().count('class="plot"') == 7
     records_before = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("units/*.json")}
 
     t0 = time.perf_counter()

@@ -157,3 +157,37 @@ def test_listwise_messages_without_reasoning_have_no_think_block():
 def test_unknown_view_is_an_error_that_lists_the_known_ones():
     with pytest.raises(ValueError, match="n-tuple"):
         build_views(make_inputs(), ViewOptions(views=("nope",)))
+
+
+def test_rankings_without_windows_give_listwise_sft_without_reasoning():
+    inputs = make_inputs()
+    inputs.rankings = pa.table(
+        {
+            "query_id": ["q-solar"],
+            "doc_ids": [["d-solar-0", "d-tides-1"]],
+            "input_doc_ids": [["d-tides-1", "d-solar-0"]],
+        }
+    )
+    views, skipped = build_views(inputs, ViewOptions(validation_fraction=0))
+    row = _all(views["listwise-sft"]).to_pylist()[0]
+    assert row["doc_ids"] == ["d-tides-1", "d-solar-0"]
+    assert row["messages"][2]["content"] == "[2] > [1]"
+    assert "reasoning" in skipped["listwise-sft-reasoning"]
+
+
+def test_teacher_consensus_gives_soft_labels_and_kept_reasoning():
+    inputs = make_inputs()
+    inputs.consensus = pa.table(
+        {
+            "query_id": ["q-tides"],
+            "doc_id": ["d-tides-0"],
+            "p_yes": [0.66],
+            "reasoning": ["Tides come from the moon's pull."],
+        }
+    )
+    views, skipped = build_views(inputs, ViewOptions(validation_fraction=0))
+    assert "pointwise-reasoning" not in skipped
+    rows = _all(views["pointwise-reasoning"]).to_pylist()
+    assert [(r["query_id"], r["doc_id"], r["soft_label"]) for r in rows] == [
+        ("q-tides", "d-tides-0", 0.66)
+    ]

@@ -7,7 +7,7 @@ says, for each one it cannot build, why::
     inputs = ViewInputs(corpus=..., queries=..., qrels=..., negatives=..., labels=...)
     views, skipped = build_views(inputs, ViewOptions(seed=13))
     views["n-tuple"]["train"]      # a pyarrow.Table
-    skipped                        # {"listwise-sft": "no listwise teacher table (rank)", ...}
+    skipped                        # {"listwise-sft": "no listwise teacher tables ...", ...}
 
 Every view keeps the stable ids (``query_id``, document ids) beside the texts, so a row can be
 traced back to the run; trainers read only the columns a recipe selects (README: training).
@@ -56,7 +56,10 @@ SPLITS = ("train", "validation")
 
 # Columns the optional teacher and judge tables must have for the views that use them.
 JUDGMENT_COLUMNS = ("query_id", "doc_id", "soft_label")
-RANK_COLUMNS = ("query_id", "doc_ids", "ranking", "reasoning")
+# the listwise teacher's windows as shown ([1]..[n]), its order of them and its reasoning
+WINDOW_COLUMNS = ("query_id", "input_doc_ids", "output_doc_ids", "reasoning")
+# the listwise teacher's final ranking of a pool (no reasoning)
+RANKING_COLUMNS = ("query_id", "doc_ids", "input_doc_ids")
 RELABEL_COLUMNS = ("query_id", "doc_id", "relevant")
 
 LISTWISE_SYSTEM = (
@@ -75,7 +78,10 @@ class ViewInputs:
     negatives: pa.Table | None = None
     labels: pa.Table | None = None
     judgments: pa.Table | None = None  # judge ensemble: query_id, doc_id, soft_label
-    rank: pa.Table | None = None  # listwise teacher: query_id, doc_ids, ranking, reasoning
+    consensus: pa.Table | None = None  # pointwise teacher: query_id, doc_id, p_yes, reasoning
+    reasoning: pa.Table | None = None  # pointwise teacher: query_id, doc_id, sample_index, ...
+    windows: pa.Table | None = None  # listwise teacher windows: WINDOW_COLUMNS (+ status)
+    rankings: pa.Table | None = None  # listwise teacher rankings: RANKING_COLUMNS
     relabels: pa.Table | None = None  # judge relabels: query_id, doc_id, relevant
 
 
@@ -147,6 +153,20 @@ def soft_labels(inputs: ViewInputs) -> tuple[dict[tuple[str, str], float], str]:
             if s is not None:
                 out[(q, d)] = float(s)
         return out, "judgments"
+    if _has_columns(inputs.consensus, ("query_id", "doc_id", "p_yes")):
+        c = inputs.consensus
+        out = {
+            (q, d): float(p)
+            for q, d, p in zip(
+                c.column("query_id").to_pylist(),
+                c.column("doc_id").to_pylist(),
+                c.column("p_yes").to_pylist(),
+                strict=True,
+            )
+            if p is not None
+        }
+        if out:
+            return out, "consensus"
     if inputs.labels is not None and inputs.labels.num_rows:
         sums: dict[tuple[str, str], list[float]] = defaultdict(list)
         lab = inputs.labels
@@ -166,19 +186,28 @@ def soft_labels(inputs: ViewInputs) -> tuple[dict[tuple[str, str], float], str]:
 
 
 def pair_reasoning(inputs: ViewInputs) -> dict[tuple[str, str], str]:
-    """The pointwise teacher's reasoning per pair (first sample that has one)."""
-    lab = inputs.labels
-    if lab is None or "reasoning" not in lab.column_names:
-        return {}
+    """The pointwise teacher's reasoning per pair: the consensus' kept sample, else the first
+    sample (by index) of the ``reasoning`` table that has one, else ``labels.reasoning``."""
     out: dict[tuple[str, str], str] = {}
-    for q, d, r in zip(
-        lab.column("query_id").to_pylist(),
-        lab.column("doc_id").to_pylist(),
-        lab.column("reasoning").to_pylist(),
-        strict=True,
-    ):
-        if r and (q, d) not in out:
-            out[(q, d)] = r
+    sources = []
+    if _has_columns(inputs.consensus, ("query_id", "doc_id", "reasoning")):
+        sources.append(inputs.consensus)
+    if _has_columns(inputs.reasoning, ("query_id", "doc_id", "reasoning")):
+        t = inputs.reasoning
+        if "sample_index" in t.column_names:
+            t = t.sort_by("sample_index")
+        sources.append(t)
+    if _has_columns(inputs.labels, ("query_id", "doc_id", "reasoning")):
+        sources.append(inputs.labels)
+    for t in sources:
+        for q, d, r in zip(
+            t.column("query_id").to_pylist(),
+            t.column("doc_id").to_pylist(),
+            t.column("reasoning").to_pylist(),
+            strict=True,
+        ):
+            if r and (q, d) not in out:
+                out[(q, d)] = r
     return out
 
 
@@ -558,23 +587,55 @@ def listwise_messages(
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
 
 
+def listwise_examples(
+    inputs: ViewInputs,
+) -> tuple[list[tuple[str, list[str], list[str], str | None]], str | None]:
+    """(query_id, doc ids as shown, the teacher's order of them, reasoning) per example, from
+    the teacher's windows (with reasoning) or else its final rankings (without); and why there
+    are none."""
+    if _has_columns(inputs.windows, WINDOW_COLUMNS):
+        w = inputs.windows
+        status = w.column("status").to_pylist() if "status" in w.column_names else None
+        out = []
+        for i, row in enumerate(w.select(list(WINDOW_COLUMNS)).to_pylist()):
+            if status is not None and status[i] not in (None, "ok"):
+                continue
+            out.append(
+                (
+                    row["query_id"],
+                    row["input_doc_ids"] or [],
+                    row["output_doc_ids"] or [],
+                    row["reasoning"],
+                )
+            )
+        return out, None
+    if _has_columns(inputs.rankings, RANKING_COLUMNS):
+        r = inputs.rankings.select(list(RANKING_COLUMNS)).to_pylist()
+        return [
+            (x["query_id"], x["input_doc_ids"] or [], x["doc_ids"] or [], None) for x in r
+        ], None
+    if inputs.windows is not None or inputs.rankings is not None:
+        return [], (
+            f"the listwise teacher's tables lack columns (windows: {list(WINDOW_COLUMNS)}, "
+            f"rankings: {list(RANKING_COLUMNS)})"
+        )
+    return [], "no listwise teacher tables (rank.windows, rank.rankings)"
+
+
 def listwise_view(
-    rank: pa.Table,
+    examples: list[tuple[str, list[str], list[str], str | None]],
     corpus: _Corpus,
     texts: dict[str, str],
     with_reasoning: bool,
     max_passages: int,
     doc_chars: int,
 ) -> pa.Table:
-    """Chat examples from the listwise teacher: ``doc_ids`` is the window as shown,
-    ``ranking`` the teacher's order of those doc ids (best first)."""
+    """Chat examples: the passages as the teacher saw them, numbered, and its order."""
     rows: dict[str, list[Any]] = defaultdict(list)
-    for row in rank.to_pylist():
-        q, window, ranking = row["query_id"], row["doc_ids"] or [], row["ranking"] or []
-        reasoning = row.get("reasoning")
+    for q, shown, ranking, reasoning in examples:
         if q not in texts or with_reasoning and not reasoning:
             continue
-        window = [d for d in window if d in corpus][:max_passages]
+        window = [d for d in shown if d in corpus][:max_passages]
         pos = {d: i for i, d in enumerate(window, 1)}
         order = [pos[d] for d in ranking if d in pos]
         order += [i for i in range(1, len(window) + 1) if i not in order]
@@ -659,20 +720,17 @@ def build_views(
         "pointwise-reasoning": lambda: pointwise_view(groups, corpus, soft, texts, reasoning),
         "labeled-list": lambda: labeled_list_view(groups, corpus, soft),
     }
-    if _has_columns(inputs.rank, RANK_COLUMNS):
-        for name, flag in (("listwise-sft", False), ("listwise-sft-reasoning", True)):
-            builders[name] = lambda flag=flag: listwise_view(
-                inputs.rank, corpus, texts, flag, opt.listwise_max_passages, opt.listwise_doc_chars
-            )
-    else:
-        if inputs.rank is None:
-            why = "no listwise teacher table (rank)"
-        else:
-            missing = [c for c in RANK_COLUMNS if c not in inputs.rank.column_names]
-            why = f"the rank table lacks columns {missing}"
-        skipped["listwise-sft"] = skipped["listwise-sft-reasoning"] = why
+    examples, why_none = listwise_examples(inputs)
+    for name, flag in (("listwise-sft", False), ("listwise-sft-reasoning", True)):
+        builders[name] = lambda flag=flag: listwise_view(
+            examples, corpus, texts, flag, opt.listwise_max_passages, opt.listwise_doc_chars
+        )
+    if why_none:
+        skipped["listwise-sft"] = skipped["listwise-sft-reasoning"] = why_none
+    elif not any(r for *_, r in examples):
+        skipped["listwise-sft-reasoning"] = "the listwise teacher wrote no reasoning"
     if not reasoning:
-        skipped["pointwise-reasoning"] = "no pointwise teacher reasoning (labels.reasoning)"
+        skipped["pointwise-reasoning"] = "no pointwise teacher reasoning (label.reasoning)"
     if n < 1:
         for v in ("triplet", "triplet-scores", "n-tuple", "n-tuple-scores", "flagembedding"):
             skipped[v] = "no query has a hard negative (mine.negatives)"

@@ -14,7 +14,7 @@ import pytest
 from rankmill.manifest import RunDir
 from rankmill.pipeline import validate_pipeline
 from rankmill.runner import Runner
-from rankmill.stages.export import export_files
+from rankmill.stages.export import export_dir, export_files
 from rankmill.views import split_of
 from tests.fixtures.export_data import TOPICS
 
@@ -91,6 +91,13 @@ def test_export_writes_named_shards_manifest_and_loadable_views(tmp_path, ray_se
     files_table = RunDir(run_dir).read_table("export", "files")
     assert files_table.num_rows == len(manifest["files"])
     assert isinstance(files_table, pa.Table)
+
+    # the committed folder is the same layout, readable in place
+    root_in_place = export_dir(run_dir)
+    in_place = datasets.load_dataset(
+        "parquet", data_files=f"{root_in_place}/n-tuple/train-*.parquet", split="train"
+    )
+    assert in_place["query_id"] == ds["train"]["query_id"]
 
     # nothing changed: nothing recomputed
     again = Runner(validate_pipeline(pipeline(save_to_disk=True)), run_dir).run()

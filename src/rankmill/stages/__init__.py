@@ -15,6 +15,7 @@ BUILTIN: dict[str, str] = {
     "export": "rankmill.stages.export:ExportStage",
     "queries": "rankmill.stages.queries:QueriesStage",
     "rank": "rankmill.stages.rank:RankStage",
+    "report": "rankmill.stages.report:ReportStage",
 }
 
 

@@ -83,9 +83,16 @@ FILES = pa.schema(
 # Tables of later stages that views use when they are there (only their key is checked here;
 # the columns a view needs are checked when it is built, and a view that lacks them is
 # skipped with the reason).
-JUDGMENTS_MIN = pa.schema([pa.field("query_id", pa.string())])
-RANKINGS_MIN = pa.schema([pa.field("query_id", pa.string())])
-RELABELS_MIN = pa.schema([pa.field("query_id", pa.string())])
+KEYED = pa.schema([pa.field("query_id", pa.string())])
+# teacher and judge tables a view can use: input name -> ViewInputs field
+LATER_TABLES = {
+    "judgments": "judgments",  # judge ensemble soft labels
+    "relabels": "relabels",  # negatives the judges found relevant
+    "consensus": "consensus",  # pointwise teacher: one label (and kept reasoning) per pair
+    "reasoning": "reasoning",  # pointwise teacher reasoning per sample
+    "windows": "windows",  # listwise teacher windows with reasoning
+    "rankings": "rankings",  # listwise teacher final rankings
+}
 
 
 class ExportParams(StageParams):
@@ -137,9 +144,7 @@ class ExportStage(Stage):
         "qrels": QRELS,
         "negatives": NEGATIVES,
         "labels": LABELS,
-        "judgments": JUDGMENTS_MIN,
-        "rankings": RANKINGS_MIN,
-        "relabels": RELABELS_MIN,
+        **{name: KEYED for name in LATER_TABLES},
     }
     outputs: ClassVar[dict[str, pa.Schema]] = {
         "view_shards": VIEW_SHARDS,
@@ -167,9 +172,7 @@ class ExportStage(Stage):
             qrels=opt("qrels"),
             negatives=opt("negatives"),
             labels=opt("labels"),
-            judgments=opt("judgments"),
-            rank=opt("rankings"),
-            relabels=opt("relabels"),
+            **{field: opt(name) for name, field in LATER_TABLES.items()},
         )
 
     def _options(self, view: str) -> ViewOptions:
@@ -191,7 +194,7 @@ class ExportStage(Stage):
         shards: dict[str, list[Any]] = {f.name: [] for f in VIEW_SHARDS}
         if view in skipped:
             info = {"view": view, "status": "skipped", "reason": skipped[view]}
-            counters.reject(f"view_skipped:{view}")
+            counters.extra["views_skipped"] = 1.0  # not a row: a view this run cannot build
         else:
             splits = built[view]
             info = {
@@ -324,3 +327,21 @@ def export_files(run_dir: str, stage: str = "export") -> tuple[dict[str, Any], d
     manifest = json.loads(rd.read_file(rec, "manifest.json"))
     data = {f["path"]: rd.read_file(rec, f["path"]) for f in manifest["files"]}
     return manifest, data
+
+
+def export_dir(run_dir: str, stage: str = "export") -> str:
+    """The local folder holding an export's files (``<view>/<split>-*.parquet``,
+    ``manifest.json``) as committed, for ``datasets.load_dataset("parquet", ...)``."""
+    from rankmill.errors import ManifestError
+
+    rd = RunDir(run_dir)
+    if not rd.local:
+        raise ManifestError(f"{run_dir} is not local: read its files with export_files()")
+    plan = rd.read_plan(stage)
+    fp = dict(plan.steps).get("finalize") if plan else None
+    rec = rd.committed(stage, fp, step=True) if fp else None
+    entry = rec.file("manifest.json") if rec else None
+    if entry is None:
+        raise ManifestError(f"{run_dir}: stage {stage!r} has no committed export")
+    rd.read_file(rec, "manifest.json")  # verifies it
+    return os.path.dirname(rd.path(entry.path))
