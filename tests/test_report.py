@@ -45,13 +45,16 @@ def render(page_path: Path, screenshot: Path | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, ray_session) -> str:
-    return export_run(str(tmp_path_factory.mktemp("report") / "run"))
+    return export_run(str(tmp_path_factory.mktemp("report") / "run"), report=True)
 
 
 @pytest.mark.slow
 def test_report_renders_every_plot_offline(run_dir):
-    path = Path(write_report(run_dir))
+    # the report stage wrote it at the end of the run; `rankmill report` writes the same page
+    staged = (Path(run_dir) / "report.html").read_text()
+    path = Path(write_report(run_dir, str(Path(run_dir) / "again.html")))
     html = path.read_text()
+    assert 'class="plot"' in staged and staged.count("<section") == html.count("<section")
     assert "<script src=" not in html and "<link" not in html  # plotly.js is inline
     seen = render(path)
     assert seen["errors"] == []
@@ -67,7 +70,7 @@ def test_report_renders_every_plot_offline(run_dir):
 @pytest.mark.slow
 def test_summary_tables_match_the_run(run_dir):
     s = run_summary(run_dir)
-    assert [x["stage"] for x in s["stages"]] == ["tables", "export"]
+    assert [x["stage"] for x in s["stages"]] == ["tables", "export", "report"]
     assert s["labels"]["answers"] == 24 and s["labels"]["yes"] == 12
     assert sum(s["labels"]["p_yes_hist"]) == 24
     # the fixture's labels: 0.8 on positives, 0.3 on negatives; qrels make truth for positives
