@@ -3,6 +3,7 @@
 rankmill run PIPELINE.yaml --run-dir DIR [--until STAGE] [--only STAGE] [--set k=v ...]
 rankmill status DIR [--verify] [--strict]
 rankmill validate DATA [--format beir|jsonl|parquet|hf]
+rankmill prompt NAME [--example] [--run DIR]
 rankmill publish DIR --repo ORG/NAME [--private] [--create-pr]
 rankmill report DIR [--out report.html]
 rankmill journal compact DIR
@@ -373,6 +374,37 @@ def show(
     if out is not None:
         _write_table(data, out)
         console.print(f"wrote {data.num_rows:,} rows to {out}")
+
+
+@app.command()
+def prompt(
+    name: str = typer.Argument(..., help="Template name: prompts/<NAME>.j2, e.g. rank_window."),
+    example: bool = typer.Option(
+        False, "--example", help="Render it with example data (a run's, or the sample corpus)."
+    ),
+    run_dir: str | None = typer.Option(
+        None, "--run", help="Take the example query and documents from this run directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the chat messages as JSON."),
+) -> None:
+    """Print a prompt template, or the chat messages it renders to with --example."""
+    from rankmill.stage import load_prompt
+
+    try:
+        if not example:
+            console.print(load_prompt(name), markup=False, highlight=False)
+            return
+        from rankmill.examples import example_messages
+
+        messages = example_messages(name, run_dir=run_dir)
+    except RankmillError as exc:
+        raise _error(exc, 2) from exc
+    if as_json:
+        console.print_json(json.dumps(messages))
+        return
+    for m in messages:
+        console.rule(m["role"])
+        console.print(m["content"], markup=False, highlight=False)
 
 
 @app.command()

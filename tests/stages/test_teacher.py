@@ -106,13 +106,14 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     with TeacherServer() as srv:
         raw = _pipeline(
             srv.base_url,
-            {"n_queries": 6},
+            {"n_queries": 6, "copy_first": True},
             queries={
                 "endpoint": "teacher",
-                "num_docs": 6,
+                "num_docs": 7,
                 "reformulate_share": 1.0,
-                "roundtrip_k": 1,
+                "roundtrip_k": 2,
                 "eval_queries": str(eval_file),
+                "docs_per_unit": 2,
             },
         )
         rd = _run(raw, tmp_path / "run")
@@ -121,9 +122,10 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     queries = rd.read_table("queries", "queries").to_pylist()
     rejects = rd.read_table("queries", "rejects").to_pylist()
     qrels = rd.read_table("queries", "qrels").to_pylist()
-    # 6 documents x 2 templates, plus keyword rewrites of the queries that allow one.
+    # 7 documents x 2 templates, plus keyword rewrites of the queries that allow one; the
+    # copy's prompts equal the original's, so the journal answers them without a request.
     assert tasks["question"] == 6 and tasks["reasoning_query"] == 6
-    assert len(lineage) == 12 + tasks["keywords"]
+    assert len(lineage) == 14 + tasks["keywords"]
     rewritable = [q for _, q, _ in TOPICS if not q.startswith(("why", "what causes"))]
     assert tasks["keywords"] == len(rewritable) == 4
     c = _counters(rd, "queries")
@@ -135,7 +137,13 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
         r["status"] for r in lineage if r["status"] != "kept"
     )
     by_status = {r["status"] for r in lineage}
-    assert "contaminated" in by_status
+    assert "contaminated" in by_status and "draft" not in by_status
+    # The copy of the first document sits in another unit: the finalize step finds its two
+    # queries duplicates of the original's.
+    copies = [r for r in lineage if r["source_doc_id"] == "d-bm25-copy"]
+    originals = {r["text"] for r in lineage if r["source_doc_id"] == "d-bm25"}
+    assert sorted(r["status"] for r in copies) == ["duplicate_exact", "duplicate_exact"]
+    assert {r["text"] for r in copies} == originals
     assert [r["text"] for r in lineage if r["status"] == "contaminated"] == [leaked]
     for r in lineage:
         assert r["model"] == "scripted" and len(r["prompt_sha256"]) == 64 and r["seed"] is not None
@@ -144,7 +152,7 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
         else:
             assert r["source_doc_id"].startswith("d-") and r["parent_query_id"] is None
         if r["status"] == "kept" and r["source_doc_id"]:
-            assert r["roundtrip_rank"] == 1  # roundtrip_k=1: only first place passes
+            assert 1 <= r["roundtrip_rank"] <= 2  # roundtrip_k=2
         if r["status"] == "roundtrip_miss":
             assert r["roundtrip_rank"] is None
     # The existing queries go through; a keyword query inherits its parent's judgments.
@@ -153,7 +161,11 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
         if r["status"] == "kept" and r["kind"] == "keywords":
             parent_doc = "d-" + r["parent_query_id"][2:]
             assert {"query_id": r["query_id"], "doc_id": parent_doc, "score": 1} in qrels
-    assert c.rejects == {k: v for k, v in c.rejects.items() if v} and c.llm_calls == len(lineage)
+    assert c.llm_calls + c.llm_cached == len(lineage) and c.llm_cached == 2
+    assert c.rejects == {"contaminated": 1}  # per unit; the finalize step counts its own
+    plan, _ = rd.stage_status("queries")
+    (step,) = rd.step_records("queries", plan)
+    assert step.counters.rejects == {"duplicate_exact": 2}
 
 
 # -- label as a reasoning teacher ------------------------------------------------------------
@@ -243,6 +255,13 @@ def test_rank_stage_windows_repairs_and_self_consistency(tmp_path, ray_session) 
     c = _counters(rd, "rank")
     for kind in ("unicode_digits", "duplicates", "unknown_ids", "missing_appended"):
         assert c.extra[f"repair_{kind}"] >= len(rankings), kind
+    # rankmill prompt --example --run renders a template with the run's first pool.
+    from rankmill.examples import example_messages
+
+    first = rd.read_table("source", "candidates").to_pylist()[0]
+    msgs = example_messages("rank_window", run_dir=str(tmp_path / "run"))
+    query = next(q for t, q, _ in TOPICS if f"q-{t}" == first["query_id"])
+    assert query in msgs[1]["content"] and msgs[1]["content"].count("<<<BEGIN DOCUMENT") == 3
     for w in windows:
         assert w["status"] == "ok" and w["reasoning"] == "Sorted by overlap."
         assert sorted(w["input_doc_ids"]) == sorted(w["output_doc_ids"])

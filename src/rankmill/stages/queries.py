@@ -12,9 +12,10 @@ causality or comparison (a bag of keywords would lose it); their judgments are c
 new query in ``qrels``.
 
 Every synthetic query then passes, in order: deduplication (normalised exact match, then
-rapidfuzz ``token_sort_ratio`` >= ``dedup_threshold`` against earlier queries of the unit and
-the existing queries), decontamination (``token_sort_ratio`` >= ``decontam_threshold`` with
-a query of ``eval_queries``), and the round-trip filter (its source document must be in the
+rapidfuzz ``token_sort_ratio`` >= ``dedup_threshold`` against earlier queries of its unit and
+the existing queries, and across units in the ``finalize`` step), decontamination
+(``token_sort_ratio`` >= ``decontam_threshold`` with a query of ``eval_queries``), and the
+round-trip filter (its source document must be in the
 top ``roundtrip_k`` of ``roundtrip_retriever`` for it). What fails is a reject with its
 reason. With ``hard_negatives``, the teacher also writes one plausible-but-unhelpful passage
 per kept document query (ReasonIR); those go to ``synthetic_negatives``, marked synthetic,
@@ -24,7 +25,9 @@ Outputs: ``queries`` (the existing queries, then the kept synthetic ones, whose
 ``source_doc_id`` ``mine`` makes their positive), ``qrels`` (the existing judgments plus
 those of keyword queries), ``lineage`` (every query written, kept or not: source document,
 template, prompt hash, teacher model, parent query, seed, round-trip rank, status) and
-``synthetic_negatives``::
+``synthetic_negatives``. Units write what they keep to ``drafts`` and ``draft_negatives``;
+the ``finalize`` step deduplicates the drafts of all units against each other and writes the
+kept queries, their judgments, lineage and negatives::
 
     queries:
       endpoint: teacher
@@ -54,6 +57,8 @@ from rankmill.prompting import fence, render_messages
 from rankmill.schemas import CORPUS, LINEAGE, QRELS, QUERIES, SYNTHETIC_NEGATIVES
 from rankmill.stage import (
     Stage,
+    StepContext,
+    StepOutput,
     UnitOutput,
     WorkUnit,
     content_key,
@@ -168,8 +173,8 @@ class QueriesParams(StageParams):
     docs_per_unit: int = Field(
         64,
         ge=1,
-        description="Documents (or existing queries) per work unit; deduplication spans one "
-        "unit plus the existing queries.",
+        description="Documents (or existing queries) per work unit (the unit of commit and "
+        "resume).",
     )
     cache_dir: str | None = Field(
         None, description="Embedding cache folder of dense round trips (default: the run's)."
@@ -243,6 +248,9 @@ class QueriesStage(Stage):
         "qrels": QRELS,
         "lineage": LINEAGE,
         "synthetic_negatives": SYNTHETIC_NEGATIVES,
+        # what units keep before the finalize step deduplicates across them
+        "drafts": LINEAGE,
+        "draft_negatives": SYNTHETIC_NEGATIVES,
     }
     prompts: ClassVar[tuple[str, ...]] = (
         "query_question",
@@ -492,7 +500,7 @@ class QueriesStage(Stage):
                     "status": status,
                 }
             )
-            if status != "kept":
+            if status != "draft":
                 rejects.append(
                     {
                         "table": "lineage",
@@ -578,14 +586,13 @@ class QueriesStage(Stage):
                     {"k": p.roundtrip_k, "text": c["text"], "retriever": p.roundtrip_retriever},
                 )
                 continue
-            record(c, "kept")
             kept.append(c)
         counters.extra["written"] = float(len(cands))
-        counters.extra["kept"] = float(len(kept))
+        counters.extra["drafted"] = float(len(kept))
         counters.extra["roundtrip_checked"] = counters.extra.get("roundtrip_checked", 0.0) + len(
             with_source
         )
-        counters.extra["roundtrip_kept"] = float(sum(1 for c in kept if c["source_doc_id"]))
+        counters.extra["roundtrip_passed"] = float(sum(1 for c in kept if c["source_doc_id"]))
 
         # 5. synthetic hard negatives for kept document queries
         negatives: list[dict[str, Any]] = []
@@ -630,34 +637,103 @@ class QueriesStage(Stage):
                     }
                 )
 
+        # Kept so far: the finalize step deduplicates across units and writes them out.
+        drafts = []
+        for c in kept:
+            record(c, "draft")
+            drafts.append(lineage.pop())
+        counters.rows_out = len(drafts)
+        self._gw.fill_counters(counters)
+        for rej in rejects:
+            counters.reject(rej["reason"])
+        return UnitOutput(
+            {
+                "lineage": pa.Table.from_pylist(lineage, schema=LINEAGE),
+                "drafts": pa.Table.from_pylist(drafts, schema=LINEAGE),
+                "draft_negatives": pa.Table.from_pylist(negatives, schema=SYNTHETIC_NEGATIVES),
+                "rejects": rejects_table(rejects, self.ctx.stage_name, unit.unit_id),
+            },
+            counters,
+        )
+
+    # -- after every unit -------------------------------------------------------------------------
+    def finalize(self, step: StepContext) -> StepOutput:
+        """Deduplicate the drafts of all units against each other (each was already checked
+        against its own unit and the existing queries), then write the kept ones out."""
+        p = self.params
+        drafts = step.read_output("drafts")
+        rows = drafts.to_pylist() if drafts is not None else []
+        kept_idx, dropped = dedup_queries([r["text"] for r in rows], p.dedup_threshold)
+        counters = Counters(rows_in=len(rows))
+        lineage, rejects = [], []
+        for i, (reason, ref, sim) in sorted(dropped.items()):
+            r = rows[i]
+            lineage.append({**r, "status": reason})
+            rejects.append(
+                {
+                    "table": "lineage",
+                    "row_id": r["query_id"],
+                    "query_id": r["query_id"],
+                    "doc_id": r["source_doc_id"],
+                    "reason": reason,
+                    "detail": {
+                        "duplicate_of": rows[ref]["query_id"] if ref is not None else None,
+                        "similarity": sim,
+                        "text": r["text"],
+                    },
+                }
+            )
+            counters.reject(reason)
+        kept = [rows[i] for i in kept_idx]
+        lineage.extend({**r, "status": "kept"} for r in kept)
         queries = pa.Table.from_pylist(
             [
                 {
-                    "query_id": c["query_id"],
-                    "text": c["text"],
-                    "source": f"synthetic:{c['kind']}",
-                    "source_doc_id": c["source_doc_id"],
+                    "query_id": r["query_id"],
+                    "text": r["text"],
+                    "source": f"synthetic:{r['kind']}",
+                    "source_doc_id": r["source_doc_id"],
                 }
-                for c in kept
+                for r in kept
             ],
             schema=QUERIES,
         )
         # A keyword rewrite means what its parent means: the parent's judgments carry over.
         qrels_rows = []
-        parents = {c["parent_query_id"]: c["query_id"] for c in kept if c["parent_query_id"]}
-        if parents and self.ctx.has_input("qrels"):
-            qr = self.ctx.read_input("qrels")
-            for q, d, s in zip(
+        parents: dict[str, list[str]] = {}
+        for r in kept:
+            if r["parent_query_id"]:
+                parents.setdefault(r["parent_query_id"], []).append(r["query_id"])
+        if parents and step.has_input("qrels"):
+            qr = step.read_input("qrels")
+            for q, d, sc in zip(
                 qr.column("query_id").to_pylist(),
                 qr.column("doc_id").to_pylist(),
                 qr.column("score").to_pylist(),
                 strict=True,
             ):
-                if q in parents:
-                    qrels_rows.append({"query_id": parents[q], "doc_id": d, "score": s})
-        qrels = pa.Table.from_pylist(qrels_rows, schema=QRELS)
+                for child in parents.get(q, ()):
+                    qrels_rows.append({"query_id": child, "doc_id": d, "score": sc})
+        keep_ids = {r["query_id"] for r in kept}
+        negs = step.read_output("draft_negatives")
+        negatives = (
+            negs.filter(pa.array([q in keep_ids for q in negs.column("query_id").to_pylist()]))
+            if negs is not None and negs.num_rows
+            else SYNTHETIC_NEGATIVES.empty_table()
+        )
         counters.rows_out = len(kept)
-        return self._output(unit, queries, qrels, lineage, negatives, rejects, counters)
+        counters.extra["kept"] = float(len(kept))
+        counters.extra["roundtrip_kept"] = float(sum(1 for r in kept if r["source_doc_id"]))
+        return StepOutput(
+            tables={
+                "queries": queries,
+                "qrels": pa.Table.from_pylist(qrels_rows, schema=QRELS),
+                "lineage": pa.Table.from_pylist(lineage, schema=LINEAGE),
+                "synthetic_negatives": negatives,
+                "rejects": rejects_table(rejects, self.ctx.stage_name, "finalize"),
+            },
+            counters=counters,
+        )
 
     def _output(
         self,

@@ -103,6 +103,12 @@ class RankParams(StageParams):
         description="Keep rankings of queries with no known relevant document (NDCG null) "
         "instead of rejecting them as 'no_relevance'.",
     )
+    max_queries: int | None = Field(
+        None,
+        ge=1,
+        description="Budget: rank at most this many pools, a seeded sample; the others are "
+        "'over_budget' rejects.",
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int = Field(
         1024, ge=16, le=16384, description="Answer token limit (reasoning plus ranking)."
@@ -276,6 +282,19 @@ class RankStage(Stage):
             p.relevance_from,
             p.min_relevance,
         )
+        if p.max_queries is not None and pools.num_rows > p.max_queries:
+            import numpy as np
+
+            rng = np.random.default_rng([self.ctx.seed, 2])
+            chosen = set(rng.permutation(pools.num_rows)[: p.max_queries].tolist())
+            problems = pools.column("problem").to_pylist()
+            problems = [
+                x if (i in chosen or x is not None) else "over_budget"
+                for i, x in enumerate(problems)
+            ]
+            pools = pools.set_column(
+                pools.schema.get_field_index("problem"), "problem", pa.array(problems, pa.string())
+            )
         return chunk_units(pools, p.queries_per_unit, "pools")
 
     def setup(self) -> None:
