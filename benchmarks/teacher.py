@@ -20,8 +20,8 @@ The local model is a 135M model: its rankings and verdicts are weak, and this be
 shows how weak, not the opposite. A stronger teacher is an endpoint block away
 (``--base-url``/``--model``/``--api-key-env``).
 
-    python benchmarks/teacher.py [--data ../shared/data] [--queries 8] [--docs 8]
-        [--depth 10] [--window 5] [--step 3] [--pairs 16] [--run-root DIR]
+    python benchmarks/teacher.py [--data ../shared/data] [--queries 6] [--docs 4]
+        [--depth 10] [--window 6] [--step 4] [--pairs 8] [--run-root DIR]
 
 Last line: ``summary: ndcg10=… kept_share=… roundtrip_kept=… calls_per_kept=…
 injection_flip_fenced=… injection_flip_unfenced=…``.
@@ -210,13 +210,13 @@ def injection(args: argparse.Namespace, data: Path, run_dir: Path) -> dict[str, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--queries", type=int, default=8, help="Pools the listwise teacher ranks.")
-    ap.add_argument("--docs", type=int, default=8, help="Documents to write queries from.")
+    ap.add_argument("--queries", type=int, default=6, help="Pools the listwise teacher ranks.")
+    ap.add_argument("--docs", type=int, default=4, help="Documents to write queries from.")
     ap.add_argument("--depth", type=int, default=10)
-    ap.add_argument("--window", type=int, default=5)
-    ap.add_argument("--step", type=int, default=3)
+    ap.add_argument("--window", type=int, default=6)
+    ap.add_argument("--step", type=int, default=4)
     ap.add_argument("--rank-max-tokens", type=int, default=160)
-    ap.add_argument("--pairs", type=int, default=16, help="Pairs of the injection test.")
+    ap.add_argument("--pairs", type=int, default=8, help="Pairs of the injection test.")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--run-root", type=Path, default=None)
     ap.add_argument("--base-url", default=None, help="A stronger teacher (else local SmolLM2).")

@@ -109,3 +109,31 @@ def test_closest_to_mean_keeps_the_central_sample() -> None:
     i, mean = closest_to_mean(scores)
     assert mean == pytest.approx(sum(scores) / 3) and i == 2
     assert closest_to_mean([2.0, 4.0]) == (0, 3.0)
+
+
+def test_consensus_rows_per_pair() -> None:
+    from rankmill.stages.label import consensus_rows
+
+    def lab(q, d, s, v, p=None):
+        return {"query_id": q, "doc_id": d, "sample_index": s, "verdict": v, "p_yes": p}
+
+    def why(q, d, s, score, text):
+        return {"query_id": q, "doc_id": d, "sample_index": s, "score": score, "reasoning": text}
+
+    labels = [lab("q", "a", 0, True, 0.9), lab("q", "a", 1, False, 0.4), lab("q", "a", 2, True)]
+    reasons = [
+        why("q", "a", 0, 7.2, "r0"),
+        why("q", "a", 1, 1.0, "r1"),
+        why("q", "a", 2, 5.6, "r2"),
+    ]
+    (maj,) = consensus_rows(labels, reasons, "majority")
+    assert maj["verdict"] is True and maj["kept_sample"] == 0 and maj["reasoning"] == "r0"
+    assert maj["agreement"] == pytest.approx(2 / 3) and maj["p_yes"] == pytest.approx(0.65)
+    (erank,) = consensus_rows(labels, reasons, "closest_to_mean")
+    # mean of s x P(s) = 4.6: sample 2 (5.6) is nearest; its verdict and reasoning are kept
+    assert erank["score"] == pytest.approx(4.6) and erank["kept_sample"] == 2
+    assert erank["reasoning"] == "r2" and erank["kept_score"] == 5.6
+    tie = consensus_rows(
+        [lab("q", "b", 0, True, 0.3), lab("q", "b", 1, False, 0.4)], [], "majority"
+    )
+    assert tie[0]["verdict"] is False and tie[0]["reasoning"] is None
