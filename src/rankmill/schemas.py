@@ -222,3 +222,103 @@ NEGATIVES = pa.schema(
         pa.field("score_kind", pa.string()),
     ]
 )
+
+# The judge ensemble's votes, written by ``judge``: one row per call (judge x sample) about a
+# (query, document) pair. ``verdict`` is null when the answer did not parse (``reason`` says
+# why): a bad answer is no vote. Model judges (bi-/cross-encoder) leave the LLM columns null.
+VOTES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),  # llm, bi_encoder, cross_encoder
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("verdict", pa.bool_()),  # null: a bad answer
+        pa.field("p_yes", pa.float64()),  # P(relevant) from logprobs (LLM judges)
+        pa.field("score", pa.float64()),  # the model judge's score (cosine, cross-encoder)
+        pa.field("reason", pa.string()),  # why a bad answer is no vote
+        pa.field("phase", pa.int32()),  # 0 = calibration slice (every judge, every sample)
+        pa.field("role", pa.string()),  # the pair's role before judging
+        pa.field("stop_reason", pa.string()),  # why asking about the pair stopped
+        pa.field("endpoint", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("request_key", pa.string()),  # the LLM journal key
+        pa.field("cached", pa.bool_()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("answer", pa.string()),
+    ]
+)
+
+# The ensemble's label per pair, written by ``judge``'s finalize step.
+JUDGMENTS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("role", pa.string()),  # positive, negative or candidate, before judging
+        pa.field("new_role", pa.string()),  # after relabeling ("dropped" if it leaves)
+        pa.field("label", pa.bool_()),  # hard label; null when no judge voted
+        pa.field("posterior", pa.float64()),  # soft label: P(relevant)
+        pa.field("confidence", pa.float64()),  # posterior of the leading answer
+        pa.field("method", pa.string()),  # the aggregation method
+        pa.field("votes", pa.int32()),  # valid answers
+        pa.field("judges", pa.int32()),  # judges that cast a vote
+        pa.field("llm_calls", pa.int32()),
+        pa.field("self_consistency", pa.float64()),  # mean share of a judge's own samples agreeing
+        pa.field("agreement", pa.float64()),  # share of judge votes equal to the label
+        pa.field("difficulty", pa.float64()),  # GLAD's 1/beta (method glad only)
+        pa.field("stop_reason", pa.string()),
+        pa.field("calibration", pa.bool_()),  # in the calibration slice
+        pa.field("teacher_score", pa.float64()),  # kept where teacher and ensemble agree
+        pa.field("status", pa.string()),  # kept or rejected
+        pa.field("reason", pa.string()),  # why the role changed or the pair was rejected
+    ]
+)
+
+# Every change the judge ensemble made, with its reason and posterior.
+RELABELS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("from_role", pa.string()),
+        pa.field("to_role", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("posterior", pa.float64()),
+        pa.field("teacher_score", pa.float64()),
+    ]
+)
+
+# Per judge: estimated accuracy and soft confusion counts against the aggregate.
+JUDGE_REPORT = pa.schema(
+    [
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),
+        pa.field("method", pa.string()),
+        pa.field("n", pa.int64()),  # judge votes
+        pa.field("accuracy", pa.float64()),
+        pa.field("sensitivity", pa.float64()),
+        pa.field("specificity", pa.float64()),
+        pa.field("tp", pa.float64()),
+        pa.field("fp", pa.float64()),
+        pa.field("fn", pa.float64()),
+        pa.field("tn", pa.float64()),
+        pa.field("calls", pa.int64()),
+        pa.field("self_consistency", pa.float64()),
+        pa.field("warnings", pa.list_(pa.string())),
+    ]
+)
+
+# Agreement between judges: Cohen's kappa per pair of judges, then Fleiss' kappa and
+# Krippendorff's alpha over all (judge_a "*", judge_b naming the statistic).
+AGREEMENT = pa.schema(
+    [
+        pa.field("judge_a", pa.string()),
+        pa.field("judge_b", pa.string()),
+        pa.field("n", pa.int64()),
+        pa.field("agreement", pa.float64()),
+        pa.field("kappa", pa.float64()),
+    ]
+)

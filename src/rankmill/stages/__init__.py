@@ -16,6 +16,7 @@ BUILTIN: dict[str, str] = {
     "queries": "rankmill.stages.queries:QueriesStage",
     "rank": "rankmill.stages.rank:RankStage",
     "report": "rankmill.stages.report:ReportStage",
+    "judge": "rankmill.stages.judge:JudgeStage",
 }
 
 
