@@ -4,6 +4,7 @@ in ../shared/data as plain Python structures (not shipped data: a user's checkou
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,7 +14,11 @@ import numpy as np
 
 from rankmill.stages.ingest import CHECKS, IngestParams, Policies, read_collection
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# RANKMILL_TEST_DATA points elsewhere (as for the tests).
+DATA = Path(
+    os.environ.get("RANKMILL_TEST_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 
 @dataclass

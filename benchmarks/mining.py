@@ -1,21 +1,32 @@
-"""Benchmark: rankmill's miner vs sentence-transformers' ``mine_hard_negatives``.
+"""Benchmark: rankmill's miner vs sentence-transformers' ``mine_hard_negatives``, like with like.
 
     python benchmarks/mining.py                       # cranfield, cisi, med
     python benchmarks/mining.py --collections adi --num-negatives 3
 
-Both miners get the same model (all-MiniLM-L6-v2), the same number of negatives, and the
-same single positive per judged query (a seeded choice among the judged-relevant documents,
-as a synthetic query knows only its source document); sentence-transformers keeps its other
-defaults. Every judged-relevant document counts when scoring, so the false-negative rate is
-the share of mined negatives that the judgments mark relevant (a lower bound: judgments are
-incomplete). Each miner runs in a fresh subprocess, timed from "model loaded" to "negatives
-out"; rankmill starts with an empty embedding cache (its warm-cache time is shown apart).
-rankmill runs its in-process engine (:class:`rankmill.retrieval.miner.Miner`, what each
-Ray actor of the ``mine`` stage runs), so Ray start-up is not in its time.
+Three miners, each in a fresh subprocess, all with all-MiniLM-L6-v2 on the CPU, the same
+number of negatives and the same single positive per judged query (a seeded choice among the
+judged-relevant documents, as a synthetic query knows only its source document):
 
-Prints a table per collection, a memory estimate for a 1M-passage corpus, and last:
-``summary: time_ratio=… memory_ratio=… fn_rate=… fn_rate_st=… fn_ratio=… kept_ratio=…``
-(rankmill / sentence-transformers, over all collections run; rates pool all negatives).
+- rankmill with its defaults (BM25 + dense pool, negatives from the dense ranking to depth
+  1000, a negative must score below 95% of the positive, near-duplicates of the positive or of
+  an earlier pick turned down), run on its in-process engine
+  (:class:`rankmill.retrieval.miner.Miner`, what the ``mine`` stage runs);
+- sentence-transformers at rankmill's settings (``relative_margin=0.05``, ``range_max=1000``,
+  ``sampling_strategy="top"``): "st same";
+- sentence-transformers with its defaults: "st default".
+
+Both get the exclusions (cranfield's source documents): sentence-transformers has no such
+argument, so it is asked for as many more negatives as a query has exclusions and the
+excluded ones are dropped, which with ``top`` sampling is the same thing. False negatives are
+counted the same way for all (a mined negative that the judgments mark relevant; a lower
+bound, judgments being incomplete), and so is hardness: the mean cosine of a negative to its
+query and its mean rank in the query's full dense ranking, both from rankmill's embeddings.
+Time is from "model loaded" to "negatives out", embedding included; search time is that
+minus the time spent inside the model's ``encode`` (BM25, fusion, filters, sampling).
+
+Last line: ``summary: time_ratio=… search_time_ratio=… fn_rate=… fn_rate_st_same=…
+fn_rate_st_default=… kept_ratio_same=… sim=… sim_st_same=… rank=… rank_st_same=…``
+(ratios are rankmill / st same, pooled over the collections run).
 """
 
 from __future__ import annotations
@@ -73,6 +84,22 @@ def score(coll, negatives: dict[str, list[str]]) -> dict[str, float]:
     return {"negatives": n, "false_negatives": fn, "excluded_used": ex}
 
 
+def timed_encode(model) -> list[float]:  # type: ignore[no-untyped-def]
+    """Wrap ``model.encode`` to add up the seconds spent in it."""
+    spent = [0.0]
+    encode = model.encode
+
+    def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return encode(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    model.encode = wrapper
+    return spent
+
+
 # -- workers (each in its own process) ----------------------------------------------------------
 def worker_st(args: argparse.Namespace) -> dict:
     from _judged import load, one_positive
@@ -91,42 +118,52 @@ def worker_st(args: argparse.Namespace) -> dict:
         ids_of_text.setdefault(t, []).append(d)
     text_of = dict(zip(coll.doc_ids, texts, strict=True))
     qids = sorted(pos)
-    qids_of_text: dict[str, list[str]] = {}
-    for q in qids:
-        qids_of_text.setdefault(coll.queries[q], []).append(q)
     ds = Dataset.from_dict(
         {"query": [coll.queries[q] for q in qids], "positive": [text_of[pos[q]] for q in qids]}
     )
+    extra = max((len(coll.excluded.get(q, ())) for q in qids), default=0)
+    settings: dict = {}
+    if args.worker == "st_same":
+        settings = {"relative_margin": 0.05, "range_max": 1000, "sampling_strategy": "top"}
     model = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu")
+    spent = timed_encode(model)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         out = mine_hard_negatives(
             ds,
             model,
+            anchor_column_name="query",
+            positive_column_name="positive",
             corpus=texts,
-            num_negatives=args.num_negatives,
-            output_scores=True,
+            num_negatives=args.num_negatives + extra,
+            output_format="n-tuple",
             verbose=False,
+            **settings,
         )
         seconds = time.perf_counter() - t0
-    negatives: dict[str, list[str]] = {q: [] for q in qids}
-    sims: list[float] = []
+    negatives: dict[str, list[str]] = {}
+    by_query: dict[str, list[str]] = {}
+    for q in qids:
+        by_query.setdefault(coll.queries[q], []).append(q)
+    neg_cols = [c for c in out.column_names if c.startswith("negative")]
     for row in out:
-        for q in qids_of_text[row["query"]]:
-            # A duplicated text stands for all its ids; count it relevant if any of them is.
-            ids = ids_of_text[row["negative"]]
-            rel = [d for d in ids if d in coll.relevant.get(q, ())]
-            negatives[q].append(rel[0] if rel else ids[0])
-        sims.append(row["scores"][1])
-    negatives = {q: v for q, v in negatives.items() if v}
+        for q in by_query[row["query"]]:
+            picked: list[str] = []
+            for c in neg_cols:
+                # A duplicated text stands for all its ids; relevant if any of them is.
+                ids = ids_of_text[row[c]]
+                if any(d in coll.excluded.get(q, ()) for d in ids):
+                    continue
+                rel = [d for d in ids if d in coll.relevant.get(q, ())]
+                picked.append(rel[0] if rel else ids[0])
+            if picked:
+                negatives[q] = picked[: args.num_negatives]
     return {
         "seconds": seconds,
+        "search_seconds": seconds - spent[0],
         "peak_mb": mem.peak / 2**20,
-        "delta_mb": (mem.peak - mem.base) / 2**20,
         "queries": len(qids),
-        "kept": len(negatives),
-        "mean_sim": sum(sims) / max(1, len(sims)),
-        **score(coll, negatives),
+        "negatives_by_query": negatives,
     }
 
 
@@ -152,52 +189,68 @@ def worker_rankmill(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as cache:
         miner = Miner(params, cache_dir=cache, seed=args.seed)
+        spent = timed_encode(miner.encoder.model) if miner.encoder else [0.0]
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            miner.index_corpus(coll.doc_ids, coll.titles, coll.texts)
+            miner.index_corpus(coll.doc_ids, coll.titles, coll.texts, root=cache)
             res = miner.mine(qs)
             seconds = time.perf_counter() - t0
-        # Second run over the same corpus: embeddings come from the cache.
-        warm = Miner(params, cache_dir=cache, seed=args.seed)
-        t0 = time.perf_counter()
-        warm.index_corpus(coll.doc_ids, coll.titles, coll.texts)
-        warm.mine(qs)
-        warm_seconds = time.perf_counter() - t0
-        emb_bytes = int(np.asarray(miner.emb).nbytes)
-    negatives = {m.query_id: m.negative_ids for m in res if m.negative_ids}
-    sims = [s for m in res for s in m.negative_scores]
+        encode_s = spent[0]
+        # The embeddings every miner's negatives are measured with.
+        if miner.emb is not None and args.emb_out:
+            q_emb = miner.encoder.encode_queries([q.text for q in qs])
+            np.savez(
+                args.emb_out,
+                docs=np.asarray(miner.emb),
+                queries=q_emb,
+                qids=np.array([q.query_id for q in qs]),
+                doc_ids=np.array(miner.doc_ids),
+            )
     skipped: dict[str, int] = {}
     for m in res:
         for k, v in m.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
-    bm25_bytes = 0
-    if miner.bm25 is not None and miner.bm25._retriever is not None:
-        sc = miner.bm25._retriever.scores
-        bm25_bytes = sum(v.nbytes for v in sc.values() if hasattr(v, "nbytes"))
     return {
         "seconds": seconds,
-        "warm_seconds": warm_seconds,
+        "search_seconds": seconds - encode_s,
         "peak_mb": mem.peak / 2**20,
-        "delta_mb": (mem.peak - mem.base) / 2**20,
         "queries": len(qs),
-        "kept": len(negatives),
-        "mean_sim": float(np.mean(sims)) if sims else float("nan"),
+        "negatives_by_query": {m.query_id: m.negative_ids for m in res if m.negative_ids},
         "skipped": skipped,
         "considered": sum(m.considered for m in res),
         "full_ranking": sum(m.full_ranking for m in res),
-        "short": sum(0 < len(m.negative_ids) < args.num_negatives for m in res),
         "docs": len(coll.doc_ids),
-        "dim": miner.encoder.dim,
-        "emb_bytes": emb_bytes,
-        "bm25_bytes": bm25_bytes,
-        "text_bytes": int(miner.texts.nbytes) if miner.texts is not None else 0,
         "timings": miner.timings,
-        **score(coll, negatives),
+    }
+
+
+def measure(coll, r: dict, emb) -> dict:  # type: ignore[no-untyped-def]
+    """False negatives, mean cosine and mean dense rank of one miner's negatives."""
+    import numpy as np
+
+    negs = r["negatives_by_query"]
+    row = {d: i for i, d in enumerate(emb["doc_ids"].tolist())}
+    qrow = {q: i for i, q in enumerate(emb["qids"].tolist())}
+    sims: list[float] = []
+    ranks: list[int] = []
+    for q, ds in negs.items():
+        scores = emb["docs"] @ emb["queries"][qrow[q]]
+        order = np.argsort(-scores, kind="stable")
+        rank_of = np.empty(len(order), dtype=np.int64)
+        rank_of[order] = np.arange(1, len(order) + 1)
+        for d in ds:
+            sims.append(float(scores[row[d]]))
+            ranks.append(int(rank_of[row[d]]))
+    return {
+        **score(coll, negs),
+        "kept": len(negs),
+        "mean_sim": float(np.mean(sims)) if sims else float("nan"),
+        "mean_rank": float(np.mean(ranks)) if ranks else float("nan"),
     }
 
 
 # -- driver -----------------------------------------------------------------------------------
-def run_worker(kind: str, collection: str, args: argparse.Namespace) -> dict:
+def run_worker(kind: str, collection: str, args: argparse.Namespace, emb_out: str = "") -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -209,6 +262,8 @@ def run_worker(kind: str, collection: str, args: argparse.Namespace) -> dict:
         str(args.num_negatives),
         "--seed",
         str(args.seed),
+        "--emb-out",
+        emb_out,
     ]
     for kv in args.set or []:
         cmd += ["--set", kv]
@@ -218,7 +273,12 @@ def run_worker(kind: str, collection: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+MINERS = (("rankmill", "rankmill"), ("st same", "st_same"), ("st default", "st_default"))
+
+
 def main() -> None:
+    import numpy as np
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -227,24 +287,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--set", action="append", help="rankmill MiningParams override key=json")
     ap.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="run each miner this many times (interleaved); "
-        "the fastest run counts, to damp noise from other load on the machine",
+        "--worker", choices=["st_same", "st_default", "rankmill"], help=argparse.SUPPRESS
     )
-    ap.add_argument("--worker", choices=["st", "rankmill"], help=argparse.SUPPRESS)
     ap.add_argument("--collection", help=argparse.SUPPRESS)
+    ap.add_argument("--emb-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         import logging
 
         logging.disable(logging.WARNING)
-        fn = worker_st if args.worker == "st" else worker_rankmill
+        fn = worker_rankmill if args.worker == "rankmill" else worker_st
         print(json.dumps(fn(args)))
         return
 
-    from _judged import DATA
+    from _judged import DATA, load
 
     if not DATA.is_dir():
         sys.exit(f"{DATA} is not there: this benchmark needs ../shared/data (see its README)")
@@ -253,88 +309,70 @@ def main() -> None:
         f"seeded positive per judged query (seed {args.seed}); "
         f"rankmill overrides: {args.set or 'none'}"
     )
-    rows = []
-    for name in args.collections:
-        st = rm = None
-        for _ in range(args.repeats):
-            s, r = run_worker("st", name, args), run_worker("rankmill", name, args)
-            st = s if st is None or s["seconds"] < st["seconds"] else st
-            rm = r if rm is None or r["seconds"] < rm["seconds"] else rm
-        assert st is not None and rm is not None
-        rows.append((name, st, rm))
-        print(f"\n{name}: {rm['docs']} docs, {rm['queries']} judged queries")
-        cols = [("time s", 8), ("peak MB", 9), ("+MB", 7), ("kept", 6), ("negs", 6), ("FN", 5)]
-        cols += [("FN rate", 9), ("excl used", 10), ("mean sim", 10)]
-        hdr = f"  {'miner':<22}" + "".join(f"{c:>{w}}" for c, w in cols)
-        print(hdr)
-        for label, r in (("sentence-transformers", st), ("rankmill", rm)):
-            rate = r["false_negatives"] / max(1, r["negatives"])
-            vals = [f"{r['seconds']:.1f}", f"{r['peak_mb']:.0f}", f"{r['delta_mb']:.0f}"]
-            vals += [str(r[k]) for k in ("kept", "negatives", "false_negatives")]
-            vals += [f"{rate:.3f}", str(r["excluded_used"]), f"{r['mean_sim']:.3f}"]
+    totals: dict[str, dict[str, float]] = {k: {} for _, k in MINERS}
+
+    def add(kind: str, key: str, v: float) -> None:
+        totals[kind][key] = totals[kind].get(key, 0.0) + v
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.collections:
+            coll = load(name)
+            emb_path = os.path.join(tmp, f"{name}.npz")
+            results = {"rankmill": run_worker("rankmill", name, args, emb_path)}
+            results["st_same"] = run_worker("st_same", name, args)
+            results["st_default"] = run_worker("st_default", name, args)
+            emb = np.load(emb_path)
+            rm = results["rankmill"]
+            print(f"\n{name}: {rm['docs']} docs, {rm['queries']} judged queries")
+            cols = [("time s", 8), ("search s", 9), ("kept", 6), ("negs", 6), ("FN", 5)]
+            cols += [("FN rate", 9), ("excl used", 10), ("mean sim", 10), ("mean rank", 10)]
+            print(f"  {'miner':<12}" + "".join(f"{c:>{w}}" for c, w in cols))
+            for label, kind in MINERS:
+                r = results[kind]
+                m = measure(coll, r, emb)
+                rate = m["false_negatives"] / max(1, m["negatives"])
+                vals = [f"{r['seconds']:.2f}", f"{r['search_seconds']:.2f}"]
+                vals += [str(m[k]) for k in ("kept", "negatives", "false_negatives")]
+                vals += [f"{rate:.3f}", str(m["excluded_used"])]
+                vals += [f"{m['mean_sim']:.3f}", f"{m['mean_rank']:.1f}"]
+                print(
+                    f"  {label:<12}"
+                    + "".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols, strict=True))
+                )
+                for key in ("seconds", "search_seconds"):
+                    add(kind, key, r[key])
+                for key in ("kept", "negatives", "false_negatives"):
+                    add(kind, key, m[key])
+                add(kind, "sim_sum", m["mean_sim"] * m["negatives"])
+                add(kind, "rank_sum", m["mean_rank"] * m["negatives"])
             print(
-                f"  {label:<22}"
-                + "".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols, strict=True))
+                "  rankmill stages: "
+                + ", ".join(f"{k} {v:.2f}s" for k, v in rm["timings"].items())
+                + f"; {rm['full_ranking']} queries ranked the whole corpus"
             )
-        print(
-            f"  rankmill warm cache: {rm['warm_seconds']:.1f}s; stages: "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in rm["timings"].items())
-        )
-        print(
-            f"  rankmill: {rm['full_ranking']} queries ranked the whole corpus (nothing survived "
-            f"the mining depth); {rm['short']} kept fewer than {args.num_negatives} negatives"
-        )
-        total = rm["considered"]
-        from rankmill.retrieval.filters import describe_skips
+            from rankmill.retrieval.filters import describe_skips
 
-        for line in describe_skips(rm["skipped"], total):
-            print(f"  rankmill {line}")
+            for line in describe_skips(rm["skipped"], rm["considered"]):
+                print(f"  rankmill {line}")
 
-    # Memory for a 1M-passage corpus, from what one actor holds per document here.
-    docs = sum(r["docs"] for _, _, r in rows)
-    per_doc_bm25 = sum(r["bm25_bytes"] for _, _, r in rows) / docs
-    per_doc_text = sum(r["text_bytes"] for _, _, r in rows) / docs
-    dim = rows[0][2]["dim"]
-    n = 1_000_000
-    emb = n * dim * 4
-    est = {
-        "embeddings (mmap, page cache shared by actors)": emb,
-        "faiss flat index copy": emb,
-        "bm25 sparse index": per_doc_bm25 * n,
-        "texts (Arrow)": per_doc_text * n,
-        "transient: corpus as Python strings while indexing": per_doc_text * n * 2,
-    }
-    print(f"\nmemory estimate for 1M passages (dim {dim}, texts like these collections'):")
-    for k, v in est.items():
-        print(f"  {k:<52}{v / 2**30:>7.2f} GiB")
-    print(
-        f"  {'per actor, resident (excluding mmap, transient)':<52}"
-        f"{(emb + per_doc_bm25 * n + per_doc_text * n) / 2**30:>7.2f} GiB  (+ model, ~0.5 GiB;"
-        " ivf/hnsw by config; per unit only queries_per_unit x mining_depth ids)"
-    )
+    def rate(kind: str) -> float:
+        return totals[kind]["false_negatives"] / max(1, totals[kind]["negatives"])
 
-    def tot(which: int, key: str) -> float:
-        return sum(r[which][key] for r in rows)
+    def mean(kind: str, key: str) -> float:
+        return totals[kind][key] / max(1, totals[kind]["negatives"])
 
-    fn_rate = tot(2, "false_negatives") / max(1, tot(2, "negatives"))
-    fn_rate_st = tot(1, "false_negatives") / max(1, tot(1, "negatives"))
-    macro = [r[2]["false_negatives"] / max(1, r[2]["negatives"]) for r in rows]
-    macro_st = [r[1]["false_negatives"] / max(1, r[1]["negatives"]) for r in rows]
-    print(
-        f"\nmacro FN rate (mean over collections): rankmill {sum(macro) / len(macro):.3f}, "
-        f"sentence-transformers {sum(macro_st) / len(macro_st):.3f}"
-    )
+    rm, same = totals["rankmill"], totals["st_same"]
     summary = {
-        "time_ratio": tot(2, "seconds") / tot(1, "seconds"),
-        "memory_ratio": max(r[2]["peak_mb"] for r in rows) / max(r[1]["peak_mb"] for r in rows),
-        "fn_rate": fn_rate,
-        "fn_rate_st": fn_rate_st,
-        "fn_ratio": fn_rate / fn_rate_st if fn_rate_st else float("nan"),
-        "kept_ratio": tot(2, "kept") / max(1, tot(1, "kept")),
-        "sim": sum(r[2]["mean_sim"] * r[2]["negatives"] for r in rows)
-        / max(1, tot(2, "negatives")),
-        "sim_st": sum(r[1]["mean_sim"] * r[1]["negatives"] for r in rows)
-        / max(1, tot(1, "negatives")),
+        "time_ratio": rm["seconds"] / same["seconds"],
+        "search_time_ratio": rm["search_seconds"] / max(1e-9, same["search_seconds"]),
+        "fn_rate": rate("rankmill"),
+        "fn_rate_st_same": rate("st_same"),
+        "fn_rate_st_default": rate("st_default"),
+        "kept_ratio_same": rm["kept"] / max(1, same["kept"]),
+        "sim": mean("rankmill", "sim_sum"),
+        "sim_st_same": mean("st_same", "sim_sum"),
+        "rank": mean("rankmill", "rank_sum"),
+        "rank_st_same": mean("st_same", "rank_sum"),
     }
     print("summary: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
 

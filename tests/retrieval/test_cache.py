@@ -82,3 +82,32 @@ def test_concurrent_processes_split_the_chunks(tmp_path):
     rows = [r for r, _ in results]
     assert sum(rows) == len(texts)  # every chunk embedded exactly once, by someone
     assert all(r[1] == results[0][1] for r in results)
+
+
+def test_chunks_hold_texts_of_similar_length_and_assemble_in_corpus_order(tmp_path):
+    texts = [f"t{'a' * (9 - i)}" for i in range(10)]  # longest first
+    enc = FakeEncoder()
+    cache = EmbeddingCache(str(tmp_path), chunk_size=4)
+    emb, _ = cache.get_or_compute(texts, KEY, enc)
+    assert enc.calls == [4, 4, 2]
+    np.testing.assert_array_equal(emb[:, 1], [9 - i for i in range(10)])
+
+
+def test_a_killed_build_keeps_its_finished_chunks(tmp_path):
+    texts = [f"doc {'a' * i}" for i in range(10)]
+
+    class Dies(FakeEncoder):
+        def __call__(self, texts: list[str]) -> np.ndarray:
+            if len(self.calls) == 2:
+                raise KeyboardInterrupt  # the process dies while embedding its third chunk
+            return super().__call__(texts)
+
+    try:
+        EmbeddingCache(str(tmp_path), chunk_size=3).get_or_compute(texts, KEY, Dies())
+    except KeyboardInterrupt:
+        pass
+    enc = FakeEncoder()
+    cache = EmbeddingCache(str(tmp_path), chunk_size=3)
+    emb, hit = cache.get_or_compute(texts, KEY, enc)
+    assert not hit and cache.computed_rows == 4  # only the chunks that were not finished
+    np.testing.assert_array_equal(emb[:, 1], np.arange(10))

@@ -153,3 +153,12 @@ def test_describe_skips_says_how_many_and_why():
     lines = describe_skips({"relative_margin": 25, "positive": 1}, 100)
     assert lines[0].startswith("skipped 1 (1.0%) of 100 candidates because it is a positive")
     assert "skipped 25 (25.0%)" in lines[1] and "max_relative_score" in lines[1]
+
+
+def test_duplicate_guard_names_the_rule_a_pick_breaks():
+    g = DuplicateGuard(90, references=["the positive passage about bees"])
+    assert g.reason("the positive passage about bees!") == "near_duplicate_of_positive"
+    assert g.reason("volcanoes erupt") is None
+    g.accept("volcanoes erupt")
+    assert g.reason("volcanoes erupt.") == "near_duplicate"
+    assert g.reason("bread dough rises") is None

@@ -71,6 +71,14 @@ def pipeline(tmp_path: Path, **mine) -> dict:
     }
 
 
+def prepare_counters(rd: RunDir, stage: str):
+    plan, _ = rd.stage_status(stage)
+    assert plan is not None
+    [rec] = rd.step_records(stage, plan)
+    assert rec is not None
+    return rec.counters
+
+
 def test_unit_queries_positives_by_id_and_exclusions():
     q = pa.table(
         {
@@ -136,7 +144,8 @@ def test_mine_stage_end_to_end(tmp_path, ray_session):
     assert rejects_count == {"no_positive": 1}
     assert extra["queries"] == 5 and extra["queries_with_negatives"] == 4
     assert extra["skipped_positive"] == 4 and extra["skipped_excluded"] == 1
-    assert extra["embedded_docs"] == len(DOCS)  # one actor embedded the corpus once
+    # the prepare step embedded the corpus once, for every actor
+    assert prepare_counters(rd, "mine").extra["embedded_docs"] == len(DOCS)
 
     # resume: nothing to do; a second mine stage with other params reuses the embeddings
     assert Runner(cfg, str(run_dir)).run().units_run == 0
@@ -145,8 +154,7 @@ def test_mine_stage_end_to_end(tmp_path, ray_session):
     raw["stages"]["mine_top1"]["inputs"] = {"queries": "ingest.queries"}
     cfg2 = validate_pipeline(raw)
     Runner(cfg2, str(run_dir)).run()
-    _, recs = rd.stage_status("mine_top1")
-    assert sum(r.counters.extra.get("embedded_docs", 0) for r in recs if r) == 0
+    assert prepare_counters(rd, "mine_top1").extra["embedded_docs"] == 0
     negs1 = rd.read_table("mine_top1", "negatives", NEGATIVES).to_pylist()
     assert all(len(r["negative_ids"]) == 1 for r in negs1)
 
@@ -204,12 +212,11 @@ def test_bm25_only_stage_on_a_corpus_with_repeated_ids(tmp_path, ray_session):
         assert max(r["negative_scores"]) <= pos - 0.05 * abs(pos) + 1e-6
     assert all(set(c["retrievers"]) == {"bm25"} for c in cands)
     assert all(s is None for c in cands for s in c["dense_scores"])
-    extra: dict[str, float] = {}
-    for rec in rd.stage_status("mine")[1]:
-        assert rec is not None
-        for k, v in rec.counters.extra.items():
-            extra[k] = extra.get(k, 0) + v
-    assert extra["duplicate_doc_ids"] == 1 and extra["embedded_docs"] == 0
+    rejects = rd.read_table("mine", "rejects").to_pylist()
+    assert [(r["table"], r["doc_id"], r["reason"]) for r in rejects if r["table"] == "corpus"] == [
+        ("corpus", "b2", "duplicate_doc_id")
+    ]
+    assert prepare_counters(rd, "mine").extra["embedded_docs"] == 0
     # nothing was embedded: no embedding cache entries, no embeddings in the index
     emb = tmp_path / "emb"
     assert not [p for p in emb.rglob("*.npy") if not p.name.startswith("bm25.")]

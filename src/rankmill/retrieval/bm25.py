@@ -69,14 +69,20 @@ class BM25Index:
         return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
 
     @classmethod
-    def load(cls, folder: str, mmap: bool = True) -> BM25Index:
+    def load(cls, folder: str, mmap: bool = True, files: dict[str, str] | None = None) -> BM25Index:
         """An index saved by :meth:`save`; with ``mmap`` its arrays stay on disk, shared by
-        every process that maps them."""
+        every process that maps them. ``files`` (file name -> path) places files that are not
+        in ``folder``."""
         import bm25s
 
-        with open(os.path.join(folder, SETTINGS)) as f:
+        def at(name: str) -> str:
+            return os.path.abspath((files or {}).get(name) or os.path.join(folder, name))
+
+        with open(at(SETTINGS)) as f:
             settings = json.load(f)
-        retriever = bm25s.BM25.load(folder, mmap=mmap, show_progress=False, **FILES)
+        # Absolute paths: bm25s joins them to its folder argument, which leaves them as they are.
+        names = {k: at(v) for k, v in FILES.items()}
+        retriever = bm25s.BM25.load(folder, mmap=mmap, show_progress=False, **names)
         idx = cls(retriever.k1, retriever.b, retriever.method, settings["stopwords"])
         idx._retriever = retriever
         idx.num_docs = int(settings["num_docs"])

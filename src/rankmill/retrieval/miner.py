@@ -331,8 +331,11 @@ def build_corpus_index(
         for f in bm25.save(folder):
             files[os.path.basename(f)] = f
     timings["bm25_index_s"] = time.perf_counter() - t1
-    with open(os.path.join(folder, DONE_FILE), "w") as f:
+    # Written last: a folder with this file is complete.
+    path = os.path.join(folder, DONE_FILE)
+    with open(path, "w") as f:
         json.dump({"files": sorted(files), "docs": len(doc_ids), "timings": timings}, f)
+    files[DONE_FILE] = path
     log.info(
         "indexed %d docs: %s",
         len(doc_ids),
@@ -469,7 +472,7 @@ class Miner:
                 self.dense._faiss = faiss.read_index(at(FAISS_FILE), faiss.IO_FLAG_MMAP)
                 self.dense.ntotal = len(self.doc_ids)
         if "bm25" in p.retrievers:
-            self.bm25 = BM25Index.load(os.path.dirname(at("bm25.params.json")), mmap=True)
+            self.bm25 = BM25Index.load(folder, mmap=True, files=files)
         self.timings["load_s"] = time.perf_counter() - t0
 
     def _score_all(self, qv: np.ndarray, block: int = 65536) -> np.ndarray:

@@ -23,11 +23,11 @@ whose candidates were all filtered gets a ``no_negative`` reject.
 BM25 ranking, and the margins compare BM25 scores (or a ``cross_encoder``'s).
 
 Work units are chunks of queries. The corpus side (texts, embeddings, BM25 index) is built
-once per corpus and settings by :func:`rankmill.retrieval.miner.build_corpus_index` into a
-folder under the cache directory (under the run directory unless ``cache_dir`` says
-otherwise); the first actor builds it while the others wait, and every actor memory-maps it.
-Corpus embeddings go through the embedding cache in small chunks, so a killed run resumes
-embedding where it stopped, and actors that start together split the chunks between them.
+once, by the stage's ``prepare`` step (:func:`rankmill.retrieval.miner.build_corpus_index`),
+committed with the stage, and memory-mapped by every actor in ``setup()``. Corpus
+embeddings go through the embedding cache (under the run directory unless ``cache_dir``
+says otherwise) in small chunks, so a killed run resumes embedding where it stopped, and a
+later stage or run over the same corpus and model reads them back instead.
 
 Embedding uses as many torch threads as ``embed_threads`` says; by default the actor's
 ``worker_cpus`` when set, else this machine's CPUs shared among the stage's ``workers`` (the
@@ -37,12 +37,13 @@ part of the stage's fingerprint, since GPU embeddings differ from CPU ones in th
 Dense search is exact float32 on the CPU either way.
 
 A corpus with repeated doc_ids (ingest's ``duplicate_id: keep``) is mined with the first
-row of each id; the others are counted (``duplicate_doc_ids``) and logged.
+row of each id; the others become ``duplicate_doc_id`` rejects of the ``prepare`` step.
 Filter counts ("skipped N (x%) because ...") go to the log and to each unit's counters.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -54,17 +55,29 @@ from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
 from rankmill.manifest import Counters
+from rankmill.retrieval.cache import EmbeddingCache
 from rankmill.retrieval.filters import describe_skips
 from rankmill.retrieval.miner import (
+    DOCS_FILE,
+    DONE_FILE,
     MinedQuery,
     MineQuery,
     Miner,
     MiningParams,
+    build_corpus_index,
     doc_text,
-    ensure_corpus_index,
+    make_encoder,
 )
 from rankmill.schemas import CANDIDATES, CORPUS, EXCLUSIONS, NEGATIVES, QRELS, QUERIES
-from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, rejects_table
+from rankmill.stage import (
+    Stage,
+    StepContext,
+    StepOutput,
+    UnitOutput,
+    WorkUnit,
+    chunk_units,
+    rejects_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +257,61 @@ class MineStage(Stage):
             return {}
         return {"embedding_device": p.device_kind()}
 
+    def prepare(self, step: StepContext) -> StepOutput:
+        """Build the corpus index once for every actor (see the module docstring)."""
+        t0 = time.perf_counter()
+        p = self.params
+        if p.uses_dense():
+            import torch
+
+            torch.set_num_threads(p.threads())
+        corpus = step.read_input("corpus", columns=["doc_id", "title", "text"])
+        doc_ids = corpus.column("doc_id").to_pylist()
+        titles = corpus.column("title").to_pylist()
+        texts = corpus.column("text").to_pylist()
+        rows_in = corpus.num_rows
+        del corpus
+        keep = first_rows(doc_ids)
+        rejects: list[dict[str, Any]] = []
+        if len(keep) < len(doc_ids):
+            kept = set(keep)
+            rejects = [
+                {
+                    "table": "corpus",
+                    "row_id": doc_ids[i],
+                    "doc_id": doc_ids[i],
+                    "reason": "duplicate_doc_id",
+                    "detail": "an earlier corpus row has this doc_id; mining uses the first",
+                }
+                for i in range(len(doc_ids))
+                if i not in kept
+            ]
+            log.warning(
+                "mine: the corpus repeats %d doc_ids; mining uses the first row of each",
+                len(rejects),
+            )
+            doc_ids = [doc_ids[i] for i in keep]
+            titles = [titles[i] for i in keep]
+            texts = [texts[i] for i in keep]
+        full = [doc_text(t, x) for t, x in zip(titles, texts, strict=True)]
+        del titles, texts
+        encoder = make_encoder(p) if p.uses_dense() else None
+        cache = EmbeddingCache(self.cache_dir() if p.embedding_cache else None)
+        files = build_corpus_index(p, doc_ids, full, step.work_dir, encoder, cache, self.ctx.seed)
+        counters = Counters(rows_in=rows_in, rows_out=len(doc_ids))
+        for r in rejects:
+            counters.reject(r["reason"])
+        counters.extra.update(
+            embedded_docs=float(cache.computed_rows),
+            embed_threads=float(p.threads()) if p.uses_dense() else 0.0,
+            index_seconds=round(time.perf_counter() - t0, 3),
+        )
+        return StepOutput(
+            tables={"rejects": rejects_table(rejects, self.ctx.stage_name, "prepare")},
+            files=files,
+            counters=counters,
+        )
+
     def setup(self) -> None:
         t0 = time.perf_counter()
         p = self.params
@@ -251,48 +319,15 @@ class MineStage(Stage):
             import torch
 
             torch.set_num_threads(p.threads())
-        corpus = self.ctx.read_input("corpus")
-        doc_ids = corpus.column("doc_id").to_pylist()
-        titles = (
-            corpus.column("title").to_pylist()
-            if "title" in corpus.column_names
-            else [None] * len(doc_ids)
-        )
-        texts = corpus.column("text").to_pylist()
-        del corpus
-        keep = first_rows(doc_ids)
-        duplicates = len(doc_ids) - len(keep)
-        if duplicates:
-            log.warning(
-                "mine: the corpus repeats %d doc_ids; mining uses the first row of each",
-                duplicates,
-            )
-            doc_ids = [doc_ids[i] for i in keep]
-            titles = [titles[i] for i in keep]
-            texts = [texts[i] for i in keep]
-        full = [doc_text(t, x) for t, x in zip(titles, texts, strict=True)]
-        del titles, texts
-        self.miner = Miner(p, cache_dir=self.cache_dir(), seed=self.ctx.seed)
-        folder, built = ensure_corpus_index(
-            p,
-            doc_ids,
-            full,
-            os.path.join(self.cache_dir(), "index"),
-            self.miner.encoder,
-            self.miner.cache,
-            self.ctx.seed,
-        )
-        del full, doc_ids
-        self.miner.load_index(folder)
+        with open(self.step_file("prepare", DONE_FILE)) as f:
+            names = json.load(f)["files"]
+        files = {name: self.step_file("prepare", name) for name in names}
+        self.miner = Miner(p, seed=self.ctx.seed)
+        self.miner.load_index(os.path.dirname(files[DOCS_FILE]), files)
         # Reported with the first unit this actor processes.
         self._setup_extra: dict[str, float] | None = {
-            "setup_seconds": round(time.perf_counter() - t0, 3),
-            "embedded_docs": float(self.miner.cache.computed_rows),
-            "index_built": float(built),
-            "embed_threads": float(p.threads()),
+            "setup_seconds": round(time.perf_counter() - t0, 3)
         }
-        if duplicates:
-            self._setup_extra["duplicate_doc_ids"] = float(duplicates)
 
     def process(self, unit: WorkUnit) -> UnitOutput:
         p = self.params
