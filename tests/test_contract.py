@@ -187,7 +187,8 @@ def test_a_sigkilled_runs_lock_is_taken_over_and_its_workers_stop(tmp_path, repo
         plan, recs = rd.stage_status(stage)
         assert all(r is not None for r in recs)
     assert len(rows(run_dir, "count", "items")) == 16
-    assert old != json.loads((run_dir / "lock.json").read_text() or "{}").get("run_id", "")
+    lock = run_dir / "lock.json"  # released by the run that finished, or another holder's
+    assert not lock.exists() or old not in lock.read_text()
     # The orphaned stage workers of the killed run are gone (their watchdog saw the heartbeat
     # stop, or the new run's lock).
     orphans = []

@@ -75,14 +75,10 @@ def _exit_code(exc: RankmillError) -> int:
     return EXIT_INCOMPLETE
 
 
-def _sigterm_as_interrupt() -> None:
+def _sigterm_as_interrupt(signum: int = 0, frame: Any = None) -> None:
     """SIGTERM (a job scheduler's stop, `kill`) unwinds like Ctrl-C: workers and local servers
     are stopped and the run lock released before the process ends."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+    raise KeyboardInterrupt
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -113,7 +109,7 @@ def run(
 ) -> None:
     """Run a pipeline; re-running resumes and skips every committed unit."""
     _setup_logging(verbose)
-    _sigterm_as_interrupt()
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     from rankmill.pipeline import load_pipeline
     from rankmill.runner import Runner
     from rankmill.status import reject_summary, run_status
@@ -158,6 +154,7 @@ def run(
                 progress.console.print(f"[yellow]{escape(ev['detail'])}: recomputing it[/]")
 
         runner = Runner(cfg, run_dir, ray_address=ray_address, on_event=on_event)
+        runner.sigterm_handler = _sigterm_as_interrupt
         try:
             result = runner.run(until=until, only=only)
         except BudgetExceeded as exc:

@@ -313,6 +313,9 @@ class Runner:
         self._resolved: list[ResolvedStage] | None = None
         self._lock: RunLock | None = None
         self._actors: list[Any] = []
+        # Set by the CLI: SIGTERM unwinds the run like Ctrl-C. Re-installed after Ray starts,
+        # whose driver installs handlers of its own (one of them aborts the process).
+        self.sigterm_handler: Any = None
 
     # -- resolution ------------------------------------------------------------------------------
     def resolved(self) -> list[ResolvedStage]:
@@ -727,6 +730,12 @@ class Runner:
                     kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 2**20
                 ray.init(address="local", **kwargs)
             self._ray_started_here = True
+            if self.sigterm_handler is not None:
+                import signal
+                import threading
+
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, self.sigterm_handler)
         return ray
 
     def _start_services(self, rs: ResolvedStage) -> None:
