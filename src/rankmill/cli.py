@@ -219,7 +219,7 @@ def status(
     if as_json:
         console.print_json(json.dumps(st))
     else:
-        table = Table(title=f"{st['run_name']} — {run_dir}")
+        table = Table(title=escape(f"{st['run_name']} — {run_dir}"))
         for col in (
             "stage",
             "units",
@@ -245,11 +245,11 @@ def status(
                 "not run": "[dim]not run[/]",
             }[s["state"]]
             table.add_row(
-                s["stage"],
+                escape(s["stage"]),
                 f"{s['units_committed']}/{s['units_total']}",
                 _fmt_int(s["rows_in"]),
                 _fmt_int(s["rows_out"]),
-                rejects,
+                escape(rejects),
                 calls,
                 f"{_fmt_int(s['prompt_tokens'])} / {_fmt_int(s['completion_tokens'])}",
                 f"{s['cost_usd']:.4f}",
@@ -271,7 +271,7 @@ def status(
                     f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:,.2f}"
                     for k, v in sorted(s["extra"].items())
                 )
-                console.print(f"  {s['stage']}: {items}")
+                console.print(f"  {escape(s['stage'])}: {escape(items)}")
         for s in st["stages"]:
             if s["flagged"]:
                 console.print(f"[yellow]flagged:[/yellow] {escape(reject_summary(s))}")
@@ -333,7 +333,7 @@ def validate(
     for f in coll.findings:
         by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
         if by_kind[f.kind] <= show:
-            console.print(f"  {f.where()}: [bold]{f.kind}[/]: {f.detail}")
+            console.print(f"  {escape(f.where())}: [bold]{f.kind}[/]: {escape(f.detail)}")
         elif by_kind[f.kind] == show + 1:
             console.print(f"  ... more {f.kind} findings")
     fatal = [k for k in counts if getattr(defaults, k) == "error"]
@@ -360,13 +360,14 @@ def show(
         data = RunDir(run_dir).read_table(stage, name)
     except RankmillError as exc:
         raise _error(exc, 2) from exc
-    console.print(f"{table}: {data.num_rows:,} rows; columns: {', '.join(data.column_names)}")
+    columns = ", ".join(data.column_names)
+    console.print(escape(f"{table}: {data.num_rows:,} rows; columns: {columns}"))
     if limit > 0 and data.num_rows:
         view = Table(show_lines=False)
         for col in data.column_names:
-            view.add_column(col, overflow="fold")
+            view.add_column(escape(col), overflow="fold")
         for row in data.slice(0, limit).to_pylist():
-            view.add_row(*[_cell(row[c]) for c in data.column_names])
+            view.add_row(*[escape(_cell(row[c])) for c in data.column_names])
         console.print(view)
     if out is not None:
         _write_table(data, out)

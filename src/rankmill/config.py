@@ -106,7 +106,13 @@ class EndpointConfig(Model):
     price_output_per_mtok: float = Field(
         0.0, ge=0, description="USD per million completion tokens."
     )
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP request.")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds one request may take before it is retried. None: 30 s plus 50 ms "
+        "per max_tokens (1,024 when unset), e.g. 30.4 s for an 8-token verdict, 81 s for 1,024 "
+        "tokens; raise it for slow servers or long prompts.",
+    )
     max_attempts: int = Field(6, ge=1, description="Attempts per request for transient errors.")
     max_retry_time_s: float = Field(
         600.0, gt=0, description="Give up retrying one request after this many seconds."

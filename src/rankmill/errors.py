@@ -14,10 +14,10 @@ says what to change. Callers catch the narrowest class they can handle::
     │   └── RunDirLocked       another rankmill run holds the run directory
     ├── LLMError               a call to an LLM endpoint cannot succeed as configured
     │   ├── LLMAuthError       401/403: the key named by api_key_env is missing or wrong
-    │   ├── LLMRequestError    400: the request itself is wrong (model name, params)
+    │   ├── LLMRequestError    400/404/422: the request is wrong (unknown model, params, URL)
     │   ├── LLMQuotaError      429 that says the quota is exhausted (not a rate limit)
     │   ├── LLMRetryExhausted  transient errors outlasted the retry budget (attempts or time)
-    │   ├── LLMUnreachable     connection refused, unknown host: nothing answers at base_url
+    │   ├── LLMUnreachable     connection refused, unknown host, no route: nothing at base_url
     │   ├── JournalError       a file of the run's LLM journal is unreadable (file in message)
     │   └── LocalServerError   the local llama.cpp server could not be started
     ├── BudgetExceeded         max_cost_usd / max_requests would be crossed; raise it and re-run

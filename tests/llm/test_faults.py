@@ -1,5 +1,6 @@
 """With 20% of responses faulted at random (every kind), no request is lost: each is an answer
-or a reject with a reason; transient faults never become rejects."""
+or a reject with a reason; transient faults, broken HTTP 200 bodies included, never become
+rejects."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 from rankmill.errors import LLMAuthError
 from rankmill.llm import ChatRequest
 from rankmill.llm.journal import iter_entries
-from tests.fixtures.openai_server import ALL_RANDOM_KINDS, BAD_ANSWER_KINDS
+from tests.fixtures.openai_server import ALL_RANDOM_KINDS, BAD_ANSWER_KINDS, HTTP200_FAULT_KINDS
 from tests.llm.conftest import user
 
-REASONS = {"truncated", "content_filter", "empty_choices", "empty_content", "malformed_response"}
+REASONS = {"truncated", "content_filter", "empty_content"}
 
 
 def test_random_faults_lose_nothing(server, make_gw):
@@ -32,8 +33,8 @@ def test_random_faults_lose_nothing(server, make_gw):
     faults = server.stats()["faults"]
     assert set(faults) >= set(ALL_RANDOM_KINDS) - {"hang"}  # every kind was exercised
     n_bad_answers = sum(faults.get(k, 0) for k in BAD_ANSWER_KINDS)
-    assert len(bad) == n_bad_answers  # each bad answer became exactly one reject
-    assert 0.1 * 300 < len(bad) < 0.35 * 300 * len(BAD_ANSWER_KINDS) / len(ALL_RANDOM_KINDS) + 30
+    assert len(bad) == n_bad_answers > 0  # each bad answer became exactly one reject
+    assert sum(faults.get(k, 0) for k in HTTP200_FAULT_KINDS) > 0  # ... and these none
     # every result is journaled exactly once; the re-run sends nothing
     lines = list(iter_entries(gw.run_dir))
     assert sorted(x["key"] for x in lines) == sorted(r.key for r in results)

@@ -97,9 +97,7 @@ def test_each_writer_has_its_own_store_and_all_are_read(server, make_gw):
     [
         ("length", "truncated"),
         ("content_filter", "content_filter"),
-        ("empty_choices", "empty_choices"),
         ("empty_content", "empty_content"),
-        ("malformed", "malformed_response"),
     ],
 )
 def test_bad_answers_are_rejects_journaled_as_such(server, make_gw, kind, reason):

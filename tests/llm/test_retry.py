@@ -42,6 +42,7 @@ def test_retry_after_is_honoured(server, make_gw):
     ("kind", "error", "hint"),
     [
         ("400", LLMRequestError, "sampling params"),
+        ("404", LLMRequestError, "endpoints.default.model"),
         ("401", LLMAuthError, "api_key_env"),
         ("403", LLMAuthError, "api_key_env"),
         ("quota", LLMQuotaError, "quota"),
@@ -86,7 +87,10 @@ def test_a_fatal_error_stops_the_batch_and_keeps_finished_answers(server, make_g
     # the answers that came back before the error are journaled: a re-run does not pay them
     assert server.stats()["requests"] == 3
     server.reset()
-    results = gw.chat_many_sync(reqs)
+    with pytest.raises(LLMAuthError):  # the stopped gateway stays stopped
+        gw.chat_many_sync(reqs)
+    assert server.stats()["requests"] == 0
+    results = make_gw(max_concurrency=1).chat_many_sync(reqs)  # a re-run builds a new one
     assert all(r.ok for r in results)
     assert sum(r.cached for r in results) == 2
     assert server.stats()["requests"] == 3

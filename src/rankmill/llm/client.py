@@ -4,20 +4,31 @@ One :class:`Gateway` per endpoint per worker. It sends chat completions through 
 async client (its own retries off) and adds what a long synthesis run needs:
 
 - **one retry layer** (tenacity), decided by exception type and status: 429 (honouring
-  ``Retry-After``), 5xx, 408/409, timeouts and connection errors are retried with jittered
-  exponential backoff, bounded by ``max_attempts`` and ``max_retry_time_s``; 400/404/422 raise
-  :class:`LLMRequestError`, 401/403 :class:`LLMAuthError`, a 429 that says the quota is
-  exhausted :class:`LLMQuotaError` — at once, with what to fix;
+  ``Retry-After``), 5xx, 408/409, timeouts, dropped connections and HTTP 200 bodies that are
+  not a chat completion (not JSON, no ``choices``, a choice without its message) are retried
+  with the same seed and jittered exponential backoff, bounded by ``max_attempts`` and
+  ``max_retry_time_s``; each request has a timeout (``timeout_s``, by default sized from its
+  ``max_tokens``); how many requests wait on a retry is in :meth:`Gateway.counters`;
+- **errors that cannot heal stop the endpoint**: 401/403 (:class:`LLMAuthError`), 400/404/422
+  (:class:`LLMRequestError`: unknown model, bad params, wrong URL), an exhausted quota
+  (:class:`LLMQuotaError`) and an address where nothing answers (:class:`LLMUnreachable`:
+  connection refused after two quick tries, unknown host, no route). Until one request has
+  come back, a gateway sends one request at a time (a probe), so a bad key costs one request
+  per worker, not one per row. The first such error is sticky: every call in flight and every
+  later call of the gateway fails at once with the same error, and a marker under
+  ``<run_dir>/llm/fatal/`` makes the other workers' gateways (built before it was written)
+  fail the same way before they send anything. A request longer than the model's context is
+  the exception: a reject (``prompt_too_long``), not an error;
 - **a durable journal** (:mod:`rankmill.llm.journal`): every completed answer is fsync'ed before
   it is returned, keyed by :func:`request_key`; a request whose key is journaled is answered
   from the journal (one indexed lookup) and never sent again, so a re-run after a crash
   re-sends only what was in flight; on an object-store run dir, ``chat``/``chat_many`` publish
   what they journaled to the run dir before they return;
-- **bad answers are data**: ``finish_reason=length`` ("truncated"), content-filter refusals
-  ("content_filter"), model refusals ("refusal"), empty ``choices`` ("empty_choices"), empty
-  text ("empty_content") and unparseable bodies ("malformed_response") come back as
-  ``ChatResult(ok=False, reject_reason=...)``; they are journaled as rejects (a re-run does not
-  pay for them again) and, with ``resample_bad=n``, re-sampled up to n times with new seeds;
+- **bad answers are data**: the model's own bad answers — ``finish_reason=length``
+  ("truncated"), content-filter refusals ("content_filter"), model refusals ("refusal") and
+  empty text ("empty_content") — come back as ``ChatResult(ok=False, reject_reason=...)``;
+  they are journaled as rejects (a re-run does not pay for them again) and, with
+  ``resample_bad=n``, re-sampled up to n times with new seeds;
 - **sampling**: N samples of one prompt are N requests with distinct ``sample_index`` and
   ``seed`` (servers such as llama.cpp ignore ``n>1``); the seed is derived from the run seed,
   the prompt and the sample index unless the caller sets one;
@@ -51,11 +62,13 @@ import asyncio
 import contextvars
 import dataclasses
 import email.utils
+import errno
 import hashlib
 import importlib.util
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Sequence
@@ -67,7 +80,6 @@ import openai
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
 )
@@ -80,9 +92,10 @@ from rankmill.errors import (
     LLMQuotaError,
     LLMRequestError,
     LLMRetryExhausted,
+    LLMUnreachable,
 )
 from rankmill.llm import journal as journal_mod
-from rankmill.llm.journal import Journal
+from rankmill.llm.journal import Journal, journal_dir
 from rankmill.llm.limits import Limiter, endpoint_limits, make_limiter
 
 log = logging.getLogger(__name__)
@@ -115,6 +128,23 @@ except ImportError:  # pragma: no cover
 # Params that change the transport, not the answer, or that this gateway sets itself.
 _UNSUPPORTED = ("n", "stream", "stream_options")
 _QUOTA_CODES = ("insufficient_quota", "quota_exceeded", "billing_hard_limit_reached")
+# What servers say when a prompt does not fit the model's context (OpenAI, vLLM, llama.cpp,
+# SGLang, Ollama): a property of that one request, so a reject rather than a stop.
+_CONTEXT_CODES = ("context_length_exceeded", "exceed_context_size_error")
+_CONTEXT_PHRASES = (
+    "maximum context length",
+    "context length",
+    "context window",
+    "exceeds the available context size",
+    "too many tokens",
+    "prompt is too long",
+)
+# Reasons of an HTTP 200 whose body is not a chat completion: a fault on the way (a proxy, a
+# crashed worker, a cut stream), not the model's answer. Retried with the same seed like a
+# 5xx and never journaled; a journaled line with one of them (older runs) is asked again.
+TRANSPORT_FAULTS = frozenset({"malformed_response", "empty_choices"})
+# A refused connection is tried this many times, quickly, before the endpoint is given up.
+UNREACHABLE_ATTEMPTS = 2
 
 
 @dataclass
@@ -226,7 +256,10 @@ def _normalize_logprobs(lp: Any) -> list[dict[str, Any]] | None:
 
 
 def parse_completion(content: bytes) -> dict[str, Any]:
-    """Turn a 200 body into the fields of a journal entry (ok, reason, text, usage, ...)."""
+    """Turn a 200 body into the fields of a journal entry (ok, reason, text, usage, ...).
+
+    A body that is not a chat completion at all gets a reason in :data:`TRANSPORT_FAULTS`
+    (the gateway retries those); the others are the model's answer, good or bad."""
     try:
         body = _loads(content)
     except ValueError:
@@ -243,11 +276,16 @@ def parse_completion(content: bytes) -> dict[str, Any]:
     if not isinstance(choices, list):
         return {**out, "ok": False, "reason": "malformed_response", "detail": "no choices list"}
     if not choices:
-        return {**out, "ok": False, "reason": "empty_choices"}
+        return {**out, "ok": False, "reason": "empty_choices", "detail": "choices is empty"}
     c0 = choices[0]
-    if not isinstance(c0, dict) or not isinstance(c0.get("message", {}), dict):
-        return {**out, "ok": False, "reason": "malformed_response", "detail": "bad choice"}
-    msg = c0.get("message") or {}
+    if not isinstance(c0, dict) or not isinstance(c0.get("message"), dict):
+        return {
+            **out,
+            "ok": False,
+            "reason": "malformed_response",
+            "detail": "a choice without a message",
+        }
+    msg = c0["message"]
     text = msg.get("content")
     finish = c0.get("finish_reason")
     out.update(
@@ -281,8 +319,56 @@ def _is_quota(exc: openai.APIStatusError) -> bool:
     return any(c in fields for c in _QUOTA_CODES)
 
 
+class BadResponseBody(Exception):
+    """An HTTP 200 whose body is not a chat completion (see :data:`TRANSPORT_FAULTS`)."""
+
+    def __init__(self, reason: str, detail: str | None):
+        super().__init__(f"HTTP 200 with a bad body: {detail or reason}")
+        self.reason = reason
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out and len(out) < 16:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """'connection refused', 'host name not found' or 'no route to host' when nothing can
+    answer at the address, whatever the HTTP stack wrapped it in (the aiohttp transport
+    reports a refused connection as a connect timeout); None otherwise."""
+    for e in _chain(exc):
+        if isinstance(e, ConnectionRefusedError) or (
+            isinstance(e, OSError) and e.errno == errno.ECONNREFUSED
+        ):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "host name not found"
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "no route to host"
+    return None
+
+
+def is_context_overflow(exc: BaseException) -> bool:
+    """A 400/413 saying the prompt does not fit the model's context."""
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 413):
+        return False
+    body = exc.body if isinstance(exc.body, dict) else {}
+    codes = {str(exc.code or ""), str(body.get("code") or ""), str(body.get("type") or "")}
+    if any(c in codes for c in _CONTEXT_CODES):
+        return True
+    text = str(body.get("message") or exc.message or "").lower()
+    return any(p in text for p in _CONTEXT_PHRASES)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Retry 429 (not quota), 5xx, 408/409, timeouts and connection errors; nothing else."""
+    """Retry 429 (not quota), 5xx, 408/409, timeouts, connection errors and bad 200 bodies."""
+    if isinstance(exc, BadResponseBody):
+        return True
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code == 429:
             return not _is_quota(exc)
@@ -326,6 +412,8 @@ class _Wait:
         exp = min(self.cap, self.base * 2 ** max(0, state.attempt_number - 1))
         wait = random.uniform(0, exp)  # "full jitter": spreads workers that failed together
         exc = state.outcome.exception() if state.outcome else None
+        if exc is not None and unreachable_reason(exc):
+            return 0.5 + random.uniform(0, 0.25)  # one quick second look, no back-off
         if exc is not None:
             ra = retry_after_s(exc)
             if ra is not None:
@@ -349,6 +437,85 @@ class _Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("an API key is never pickled; build the gateway where it is used")
+
+
+# -- a run-wide stop of an endpoint ------------------------------------------------------------
+# The errors after which no request to the endpoint can succeed until the user changes something.
+_ENDPOINT_FATAL: dict[str, type[LLMError]] = {
+    c.__name__: c for c in (LLMAuthError, LLMRequestError, LLMQuotaError, LLMUnreachable)
+}
+
+
+def fatal_dir(run_dir: str) -> str:
+    """Where gateways leave a marker when an endpoint failed for good (beside the journal)."""
+    return journal_dir(run_dir).rsplit("/llm/journal", 1)[0].rstrip("/") + "/llm/fatal"
+
+
+def fatal_marker_path(run_dir: str, endpoint: EndpointConfig) -> str:
+    """The marker file of one endpoint (its address, model and key variable, not the key)."""
+    ident = f"{endpoint_identity(endpoint)}\n{endpoint.model}\n{endpoint.api_key_env or ''}"
+    name = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return f"{fatal_dir(run_dir)}/{name}.json"
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    """(pyarrow file system, path in it) of a marker path on object storage; (None, path)
+    for a local one."""
+    if "://" not in path:
+        return None, path
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path)
+
+
+def read_fatal_markers(run_dir: str) -> list[dict[str, Any]]:
+    """Every endpoint-stop marker of a run (error, message, endpoint, stage, t), oldest first.
+    A marker is history once a later run built its gateways: it stops only gateways built
+    before it was written."""
+    folder = fatal_dir(run_dir)
+    fs, root = _fs(folder)
+    try:
+        if fs is None:
+            names = [f"{root}/{n}" for n in os.listdir(root)]
+        else:
+            import pyarrow.fs as pafs
+
+            names = [i.path for i in fs.get_file_info(pafs.FileSelector(root))]
+    except (FileNotFoundError, OSError):
+        return []
+    prefix = folder[: len(folder) - len(root)] if fs is not None else ""
+    out = [_read_marker(prefix + n) for n in sorted(names) if n.endswith(".json")]
+    return sorted((m for m in out if m is not None), key=lambda m: float(m["t"]))
+
+
+def _read_marker(path: str) -> dict[str, Any] | None:
+    fs, where = _fs(path)
+    try:
+        if fs is None:
+            with open(where, "rb") as f:
+                data = f.read()
+        else:
+            with fs.open_input_stream(where) as f:
+                data = f.read()
+        m = _loads(data)
+    except (OSError, ValueError):  # absent, or torn by a crash mid-write: no marker
+        return None
+    ok = isinstance(m, dict) and m.get("error") in _ENDPOINT_FATAL and "t" in m
+    return m if ok and isinstance(m.get("message"), str) else None
+
+
+def _write_marker(path: str, marker: dict[str, Any]) -> None:
+    fs, where = _fs(path)
+    if fs is not None:  # an object PUT is atomic
+        fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(where) as f:
+            f.write(_canon(marker))
+        return
+    os.makedirs(os.path.dirname(where), exist_ok=True)
+    tmp = f"{where}.{os.getpid()}.{random.getrandbits(32):08x}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(_canon(marker))
+    os.replace(tmp, where)
 
 
 # -- the gateway -------------------------------------------------------------------------------
@@ -401,13 +568,23 @@ class Gateway:
         self._retrying = AsyncRetrying(
             stop=stop,
             wait=_Wait(backoff_base_s, backoff_max_s),
-            retry=retry_if_exception(is_transient),
-            before_sleep=self._log_retry,
+            retry=self._should_retry,
             reraise=True,
         )
         self._client: openai.AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._probe: asyncio.Lock | None = None
+        # Until one request came back, one at a time: a bad key or URL costs one request.
+        self._proven = False
+        # The error that stopped this endpoint for good; every later call raises it again.
+        self._fatal: LLMError | None = None
+        self._built_at = time.time()
+        self._marker = fatal_marker_path(run_dir, endpoint)
+        self._marker_seen_at = float("-inf")
+        self._live: set[asyncio.Future[Any]] = set()  # retry loops of requests in flight
+        self._killed: set[asyncio.Future[Any]] = set()  # ... cancelled by a fatal error
+        self._waiting_retry = 0  # requests sleeping before their next attempt, now
         self._own_loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
@@ -470,9 +647,8 @@ class Gateway:
             # connection per request costs CPU a 2-core box cannot spare). openai's own aiohttp
             # transport costs about a third of the CPU of its default httpx one per request.
             limits = httpx2.Limits(max_connections=conc + 8, max_keepalive_connections=conc + 8)
-            timeout = httpx2.Timeout(
-                self.endpoint.timeout_s, connect=min(30.0, self.endpoint.timeout_s)
-            )
+            # Each request sets its own timeout (request_timeout); this one is the default.
+            timeout = httpx2.Timeout(self.request_timeout(self.endpoint.sampling), connect=10.0)
             http: httpx2.AsyncClient
             if self.transport == "aiohttp":
                 http = openai.DefaultAioHttpClient(limits=limits, timeout=timeout)
@@ -482,11 +658,12 @@ class Gateway:
                 base_url=self.endpoint.base_url,
                 api_key=self._key.get(),
                 max_retries=0,  # tenacity is the only retry layer
-                timeout=self.endpoint.timeout_s,
+                timeout=timeout,
                 http_client=http,
             )
             self._client_loop = loop
             self._sem = asyncio.Semaphore(conc)
+            self._probe = asyncio.Lock()
         return self._client
 
     # -- the public calls ----------------------------------------------------------------------
@@ -603,6 +780,8 @@ class Gateway:
     ) -> ChatResult:
         key, params, seed, _ = self._prepare(req, resample)
         entry = self.journal.get(key)
+        if entry is not None and entry.get("reason") in TRANSPORT_FAULTS:
+            entry = None  # journaled by an older version as an answer: ask again
         if entry is not None:
             self._count(entry, cached=True)
             return ChatResult.from_entry(entry, cached=True, tag=req.tag)
@@ -631,17 +810,39 @@ class Gateway:
         seed: int,
         abort: list[BaseException] | None,
     ) -> ChatResult:
+        self._raise_if_fatal()
+        self._ensure_client()
+        if not self._proven:
+            assert self._probe is not None
+            async with self._probe:
+                if not self._proven:  # this request is the probe: the others wait for it
+                    return await self._exchange(req, key, params, seed, abort)
+        return await self._exchange(req, key, params, seed, abort)
+
+    async def _exchange(
+        self,
+        req: ChatRequest,
+        key: str,
+        params: dict[str, Any],
+        seed: int,
+        abort: list[BaseException] | None,
+    ) -> ChatResult:
+        self._raise_if_fatal()
         client = self._ensure_client()
         assert self._sem is not None
         est_tokens, est_cost = 0, 0.0
         t0 = time.monotonic()
         attempts = 0
+        waiting = [False]  # this request sleeps before a retry (counted in waiting_retry)
+        options: Any = {"timeout": self.request_timeout(params)}
 
-        async def attempt() -> bytes:
+        async def attempt() -> dict[str, Any]:
             nonlocal attempts
+            self._stop_waiting(waiting)
             attempts += 1
-            if abort:
+            if abort and attempts > 1:  # a first attempt has its reservation: it goes out
                 raise _Aborted()
+            self._raise_if_fatal()
             # The client's raw-response path (openai's documented way to call an endpoint
             # without its models): same auth, headers and status errors, but no request
             # transform or response model, whose CPU is most of the client's cost.
@@ -649,8 +850,20 @@ class Gateway:
                 "/chat/completions",
                 body={"model": self.endpoint.model, "messages": req.messages, **params},
                 cast_to=httpx2.Response,
+                options=options,
             )
-            return resp.content
+            parsed = parse_completion(resp.content)
+            if parsed.get("reason") in TRANSPORT_FAULTS:
+                raise BadResponseBody(parsed["reason"], parsed.get("detail"))
+            self._proven = True
+            return parsed
+
+        def before_sleep(state: RetryCallState) -> None:
+            waiting[0] = True
+            self._waiting_retry += 1
+            for tally in (self._totals, _UNIT_TALLY.get() or self._taken):
+                tally.retries += 1
+            self._log_retry(state)
 
         # The semaphore bounds HTTP requests in flight; it is released as soon as the answer
         # is in, so the journal's fsync does not hold an endpoint slot.
@@ -665,20 +878,36 @@ class Gateway:
                     if abort is not None and not abort:
                         abort.append(exc)
                     raise
+            loop = self._retrying.copy(before_sleep=before_sleep)
+            inner = asyncio.ensure_future(loop(attempt))
+            self._live.add(inner)
             try:
-                content = await self._retrying.copy()(attempt)
+                parsed = await inner
             except BaseException as exc:
                 if self.limiter is not None:
                     self.limiter.settle(est_tokens, 0, est_cost, 0.0, False)
-                if isinstance(exc, (_Aborted, asyncio.CancelledError)) or not isinstance(
+                if inner in self._killed and self._fatal is not None:
+                    err: BaseException = self._fatal_again()  # another request stopped us
+                elif isinstance(exc, (_Aborted, asyncio.CancelledError)) or not isinstance(
                     exc, Exception
                 ):
                     raise
-                err = self._classify(exc, attempts, time.monotonic() - t0)
+                elif isinstance(exc, LLMError) and exc.fatal:
+                    err = exc  # raised by _raise_if_fatal inside an attempt
+                elif is_context_overflow(exc):
+                    self._proven = True  # the endpoint answered: only this prompt is too long
+                    return self._too_long(req, key, seed, exc, attempts)
+                else:
+                    err = self._classify(exc, attempts, time.monotonic() - t0)
+                    if err.fatal and type(err).__name__ in _ENDPOINT_FATAL:
+                        self._stop_endpoint(err)  # type: ignore[arg-type]
                 if abort is not None and not abort:
                     abort.append(err)
                 raise err from None
-        parsed = parse_completion(content)
+            finally:
+                self._live.discard(inner)
+                self._killed.discard(inner)
+                self._stop_waiting(waiting)
         pt = int(parsed.get("prompt_tokens") or 0)
         ct = int(parsed.get("completion_tokens") or 0)
         cost = pt * self._price_in + ct * self._price_out
@@ -712,6 +941,75 @@ class Gateway:
         result.attempts = attempts
         return result
 
+    def request_timeout(self, params: dict[str, Any]) -> float:
+        """Seconds one request may take: ``timeout_s``, else 30 s plus 50 ms per token it
+        may write (a 20 tokens/s floor): 30.4 s for an 8-token verdict, 81 s for 1,024."""
+        if self.endpoint.timeout_s is not None:
+            return float(self.endpoint.timeout_s)
+        out = params.get("max_tokens") or params.get("max_completion_tokens") or 1024
+        return 30.0 + 0.05 * int(out)
+
+    def _stop_waiting(self, waiting: list[bool]) -> None:
+        if waiting[0]:
+            waiting[0] = False
+            self._waiting_retry -= 1
+
+    def _should_retry(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is None or self._fatal is not None or not is_transient(exc):
+            return False
+        if unreachable_reason(exc):
+            return state.attempt_number < UNREACHABLE_ATTEMPTS
+        return True
+
+    # -- a stop for good -----------------------------------------------------------------------
+    def _fatal_again(self) -> LLMError:
+        assert self._fatal is not None
+        return type(self._fatal)(str(self._fatal))
+
+    def _raise_if_fatal(self) -> None:
+        """Raise the endpoint's fatal error: this gateway's, or one another worker left as a
+        marker after this gateway was built (checked at most twice a second; on object
+        storage every 5 s)."""
+        if self._fatal is None:
+            now = time.monotonic()
+            # A local marker costs one failed open; on object storage a request, so rarer.
+            if now - self._marker_seen_at >= (5.0 if "://" in self._marker else 0.5):
+                self._marker_seen_at = now
+                m = _read_marker(self._marker)
+                if m is not None and float(m["t"]) >= self._built_at:
+                    self._stop_endpoint(_ENDPOINT_FATAL[m["error"]](m["message"]), write=False)
+        if self._fatal is not None:
+            raise self._fatal_again()
+
+    def _stop_endpoint(self, err: LLMError, write: bool = True) -> None:
+        """Make ``err`` sticky: fail the requests in flight now, and every later one."""
+        if self._fatal is not None:
+            return
+        self._fatal = err
+        log.error("%s", err)
+        if write:
+            marker = {
+                "error": type(err).__name__,
+                "message": str(err),
+                "endpoint": self.name,
+                "ep": self.ep_id,
+                "model": self.endpoint.model,
+                "stage": self.stage,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "t": time.time(),
+            }
+            try:
+                _write_marker(self._marker, marker)
+            except Exception as exc:  # the other workers will find out with their own probe
+                log.warning("could not write %s: %s", self._marker, exc)
+        current = asyncio.current_task()
+        for fut in list(self._live):
+            if fut is not current and not fut.done():
+                self._killed.add(fut)
+                fut.cancel()
+
     def _estimate(
         self, messages: list[dict[str, Any]], params: dict[str, Any]
     ) -> tuple[int, float]:
@@ -731,27 +1029,61 @@ class Gateway:
             text = text.replace(key, "***")
         return text[:500]
 
+    def _too_long(
+        self, req: ChatRequest, key: str, seed: int, exc: BaseException, attempts: int
+    ) -> ChatResult:
+        """A prompt over the model's context: a reject of this request, not a stop. Not
+        journaled (nothing was paid; a larger context on the next run may take it)."""
+        for tally in (self._totals, _UNIT_TALLY.get() or self._taken):
+            tally.rejects["prompt_too_long"] = tally.rejects.get("prompt_too_long", 0) + 1
+        return ChatResult(
+            key=key,
+            ok=False,
+            reject_reason="prompt_too_long",
+            detail=self._describe(exc),
+            seed=seed,
+            sample_index=req.sample_index,
+            model=self.endpoint.model,
+            attempts=attempts,
+            tag=req.tag,
+        )
+
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, openai.APIStatusError):
             msg = exc.body.get("message") if isinstance(exc.body, dict) else None
             return self._sanitize(f"HTTP {exc.status_code}: {str(msg or exc.message).rstrip('.')}")
-        if isinstance(exc, openai.APITimeoutError):
-            # The aiohttp transport reports refused/reset connections as connect timeouts too.
-            cause = exc.__cause__
-            return (
-                f"timeout or dropped connection ({type(cause).__name__ if cause else 'timeout'}, "
-                f"timeout_s={self.endpoint.timeout_s:g})"
-            )
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__
-            return self._sanitize(
-                f"connection error ({type(cause).__name__ if cause else 'unknown'})"
-            )
-        return self._sanitize(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, BadResponseBody):
+            return str(exc)
+        why = unreachable_reason(exc)
+        if why:
+            return f"{why} at {self.endpoint.base_url}"
+        chain = _chain(exc)
+        names = {type(e).__name__ for e in chain}
+        if isinstance(exc, openai.APITimeoutError) and (
+            names & {"ReadTimeout", "SocketTimeoutError", "TimeoutError", "WriteTimeout"}
+            or not names & {"ServerDisconnectedError", "ClientOSError", "ClientConnectorError"}
+        ):
+            t = self.endpoint.timeout_s
+            setting = f"{t:g}s" if t is not None else "sized from max_tokens"
+            return f"no answer in time (endpoints.{self.name}.timeout_s: {setting})"
+        root = chain[-1]
+        return self._sanitize(
+            f"connection dropped ({type(root).__name__}: {str(root)[:120] or 'no detail'})"
+        )
 
-    def _classify(self, exc: BaseException, attempts: int, seconds: float) -> Exception:
-        where = f"endpoint {self.name!r} ({self.endpoint.model} at {self.endpoint.base_url})"
+    def _classify(self, exc: BaseException, attempts: int, seconds: float) -> LLMError:
+        where = f"endpoint {self.name!r} (model {self.endpoint.model} at {self.endpoint.base_url})"
         desc = self._describe(exc)
+        why = unreachable_reason(exc)
+        if why:
+            fix = (
+                "start the server, or fix"
+                if why == "connection refused"
+                else "check the host name and network, or fix"
+            )
+            return LLMUnreachable(
+                f"{where}: {why} ({attempts} attempt(s)); {fix} endpoints.{self.name}.base_url"
+            )
         if isinstance(exc, openai.APIStatusError):
             s = exc.status_code
             if s in (401, 403):
@@ -763,11 +1095,18 @@ class Gateway:
                     else f"the endpoint wants a key: set endpoints.{self.name}.api_key_env to the "
                     "name of an environment variable that holds it"
                 )
-                return LLMAuthError(f"{where} refused the credentials ({desc}); {hint}")
+                what = "refused the credentials" if s == 401 else "denied access"
+                return LLMAuthError(f"{where} {what} ({desc}); {hint}")
             if s == 429 and _is_quota(exc):
                 return LLMQuotaError(
                     f"{where}: the account's quota is exhausted ({desc}); add credit or raise "
                     "the quota with the provider, or point the stage at another endpoint"
+                )
+            if s == 404:
+                return LLMRequestError(
+                    f"{where} answered 404 ({desc}): the server does not know model "
+                    f"{self.endpoint.model!r} or has no chat completions at this URL; check "
+                    f"endpoints.{self.name}.model and base_url (it usually ends in /v1)"
                 )
             if not is_transient(exc):
                 return LLMRequestError(
@@ -802,29 +1141,33 @@ class Gateway:
     def counters(self) -> dict[str, Any]:
         """Totals since the gateway was built: llm_calls (answers paid for now), llm_cached
         (answers from the journal), prompt_tokens, completion_tokens, cost_usd (of llm_calls),
-        rejects (by reason) and per_model."""
-        return self._totals.as_dict()
+        rejects (by reason), per_model, retries (attempts that failed and were tried again)
+        and waiting_retry (requests sleeping before their next attempt right now)."""
+        return {**self._totals.as_dict(), "waiting_retry": self._waiting_retry}
 
     def take_counters(self) -> dict[str, Any]:
         """Like :meth:`counters`, but only what happened since the last take (per unit)."""
         if getattr(self._local, "tally", None) is not None:
             # this thread calls through run(): its own usage (one unit's)
-            out = self._local.tally.as_dict()
+            out = {**self._local.tally.as_dict(), "waiting_retry": self._waiting_retry}
             self._local.tally = _Tally()
             return out
-        out = self._taken.as_dict()
+        out = {**self._taken.as_dict(), "waiting_retry": self._waiting_retry}
         self._taken = _Tally()
         return out
 
     def fill_counters(self, counters: Any) -> None:
         """Add the usage since the last take to a manifest ``Counters`` (per-model figures go
-        to ``counters.extra`` as ``calls:<model>``, ``prompt_tokens:<model>``, ...)."""
+        to ``counters.extra`` as ``calls:<model>``, ``prompt_tokens:<model>``, ...; retried
+        attempts as ``llm_retries``)."""
         d = self.take_counters()
         counters.llm_calls += d["llm_calls"]
         counters.llm_cached += d["llm_cached"]
         counters.prompt_tokens += d["prompt_tokens"]
         counters.completion_tokens += d["completion_tokens"]
         counters.cost_usd += d["cost_usd"]
+        if d["retries"]:
+            counters.extra["llm_retries"] = counters.extra.get("llm_retries", 0) + d["retries"]
         for model, m in d["per_model"].items():
             for k, v in m.items():
                 ek = f"{k}:{model}"
@@ -875,6 +1218,7 @@ class _Tally:
         self.pt = 0
         self.ct = 0
         self.cost = 0.0
+        self.retries = 0
         self.rejects: dict[str, int] = {}
         self.per_model: dict[str, dict[str, float]] = {}
 
@@ -910,6 +1254,7 @@ class _Tally:
             "prompt_tokens": self.pt,
             "completion_tokens": self.ct,
             "cost_usd": self.cost,
+            "retries": self.retries,
             "rejects": dict(self.rejects),
             "per_model": {k: dict(v) for k, v in self.per_model.items()},
         }

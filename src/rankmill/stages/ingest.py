@@ -261,9 +261,10 @@ def _read_any(path: Path, sink: _Sink, table: str, cols: Columns) -> list[_Row]:
 class _Sink:
     """Collects findings and applies the policy of each."""
 
-    def __init__(self, policies: Policies, strict: bool):
+    def __init__(self, policies: Policies, strict: bool, stage: str = "ingest"):
         self.policies = policies
         self.strict = strict
+        self.stage = stage
         self.findings: list[Finding] = []
         self.rejects: list[dict[str, Any]] = []
 
@@ -317,12 +318,14 @@ class _Sink:
         lines = [f"  {f.where()}: {f.kind}: {f.detail}" for f in errors[:20]]
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         kinds = sorted({f.kind for f in errors})
+        tolerate = ", ".join(f"--set stages.{self.stage}.policies.{k}=reject" for k in kinds)
+        if self.strict:
+            tolerate += f" --set stages.{self.stage}.strict=false"
         raise IngestError(
-            f"ingest found {len(errors)} problem(s) that stop the run:\n"
+            f"{self.stage} found {len(errors)} problem(s) that stop the run:\n"
             + "\n".join(lines)
             + more
-            + "\nFix the data, or tolerate them with "
-            + ", ".join(f"stages.<ingest>.policies.{k}=reject" for k in kinds)
+            + f"\nFix the data, or drop such rows into the rejects table with {tolerate}"
         )
 
 
@@ -447,12 +450,15 @@ def file_hashes(params: IngestParams, resolve: Any) -> dict[str, str]:
 
 
 # -- the checks -------------------------------------------------------------------------------
-def read_collection(params: IngestParams, resolve: Any = lambda p: p) -> Collection:
-    """Read and check a collection; raises IngestError for findings whose policy is error."""
+def read_collection(
+    params: IngestParams, resolve: Any = lambda p: p, stage: str = "ingest"
+) -> Collection:
+    """Read and check a collection; raises IngestError for findings whose policy is error
+    (its message names the pipeline's ``stage`` in the settings that would tolerate them)."""
     source = Path(resolve(params.source))
     fmt, files = _locate(params, source, resolve)
     cols = params.columns
-    sink = _Sink(params.policies, params.strict)
+    sink = _Sink(params.policies, params.strict, stage)
 
     if fmt == "hf":
         hf = _hf_tables(source)
@@ -748,7 +754,7 @@ class IngestStage(Stage):
         return [WorkUnit("00000", "collection")]
 
     def process(self, unit: WorkUnit) -> UnitOutput:
-        coll = read_collection(self.params, self.ctx.resolve_path)
+        coll = read_collection(self.params, self.ctx.resolve_path, self.ctx.stage_name)
         for f in coll.findings[: self.params.max_findings_logged]:
             log.warning("ingest: %s: %s: %s (%s)", f.where(), f.kind, f.detail, f.action)
         counters = Counters(
