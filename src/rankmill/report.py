@@ -176,7 +176,7 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     f.add_bar(name="rows in", x=names, y=[s["rows_in"] for s in st])
     f.add_bar(name="rows out", x=names, y=[s["rows_out"] for s in st])
     f.add_bar(name="rejected", x=names, y=[s["rejected"] for s in st])
-    f.update_layout(title="Rows through each stage", barmode="group")
+    f.update_layout(title="Rows through each stage", barmode="group", yaxis_type="log")
     figs["rows"] = f
 
     f = go.Figure()
@@ -185,6 +185,11 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
         by_reason[r["reason"]][r["stage"]] = r["count"]
     for reason, per_stage in sorted(by_reason.items()):
         f.add_bar(name=reason, x=names, y=[per_stage.get(n, 0) for n in names])
+    if not by_reason:
+        f.add_bar(name="rejected", x=names, y=[0] * len(names))
+        f.add_annotation(
+            text="no row was rejected", xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False
+        )
     f.update_layout(title="Rejected rows by reason", barmode="stack")
     figs["rejects"] = f
 
@@ -252,8 +257,8 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     f.update_layout(
         title="LLM calls and cost by stage",
         barmode="group",
-        yaxis={"title": "calls"},
-        yaxis2={"title": "USD", "overlaying": "y", "side": "right"},
+        yaxis={"title": "calls", "rangemode": "tozero"},
+        yaxis2={"title": "USD", "overlaying": "y", "side": "right", "rangemode": "tozero"},
     )
     figs["cost"] = f
     for fig in figs.values():
