@@ -78,3 +78,25 @@ def test_summary_tables_match_the_run(run_dir):
     assert min(s["negatives"]["margins"]) == pytest.approx(0.9 - 0.6 - 0.15, abs=0.2)
     md = summary_markdown(s)
     assert "| tables |" in md and "| export |" in md and "Hard negatives" in md
+
+
+def test_judge_stage_tables_give_the_heatmap_and_accuracies():
+    import pyarrow as pa
+
+    from rankmill.report import _judge_stage
+
+    report = pa.table({"judge": ["a", "b", "c"], "n": [10, 10, 8], "accuracy": [0.9, 0.7, None]})
+    agreement = pa.table(
+        {
+            "judge_a": ["a", "a", "*"],
+            "judge_b": ["b", "c", "fleiss"],
+            "kappa": [0.4, -0.1, 0.2],
+        }
+    )
+    j = _judge_stage(report, agreement)
+    assert j["names"] == ["a", "b", "c"]
+    assert j["kappa"][0][1] == j["kappa"][1][0] == 0.4
+    assert j["kappa"][2][0] == -0.1 and j["kappa"][1][2] is None
+    assert [a["judge"] for a in j["accuracy"]] == ["a", "b"]
+    md = summary_markdown({"stages": [], "rejects": [], "judges": j})
+    assert "| a | 10 | 0.900 |" in md and "Cohen's kappa" in md

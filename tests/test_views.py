@@ -87,7 +87,7 @@ def test_score_views_use_soft_labels_only_when_every_pair_of_a_query_has_one():
 def test_relabelled_negatives_leave_the_negatives_and_join_relevant():
     inputs = make_inputs()
     inputs.relabels = pa.table(
-        {"query_id": ["q-solar"], "doc_id": ["d-tides-1"], "relevant": [True]}
+        {"query_id": ["q-solar"], "doc_id": ["d-tides-1"], "to_role": ["positive"]}
     )
     views, _ = build_views(inputs, ViewOptions())
     tev = {r["query_id"]: r for r in _all(views["tevatron"]).to_pylist()}

@@ -97,9 +97,16 @@ def run_summary(run_dir: str) -> dict[str, Any]:
         }
         out["judges"] = _judges(t)
     judgments = _table_of(rd, stages, "judgments")
-    if judgments is not None and "soft_label" in judgments[1].column_names:
-        soft = [x for x in judgments[1].column("soft_label").to_pylist() if x is not None]
-        out.setdefault("labels", {})["soft_label_hist"] = _hist(soft)
+    if judgments is not None:
+        col = next((c for c in ("posterior", "soft_label") if c in judgments[1].column_names), None)
+        if col:
+            soft = [x for x in judgments[1].column(col).to_pylist() if x is not None]
+            out.setdefault("labels", {})["soft_label_hist"] = _hist(soft)
+    # the judge stage's own fitted accuracies and agreement replace what labels alone show
+    report = _table_of(rd, stages, "judge_report")
+    agreement = _table_of(rd, stages, "agreement")
+    if report is not None and report[1].num_rows:
+        out["judges"] = _judge_stage(report[1], agreement[1] if agreement else None)
 
     negatives = _table_of(rd, stages, "negatives")
     if negatives is not None and negatives[1].num_rows:
@@ -165,6 +172,24 @@ def _judges(labels: pa.Table) -> dict[str, Any]:
     return {"names": names, "kappa": kappa, "accuracy": accuracy}
 
 
+def _judge_stage(report: pa.Table, agreement: pa.Table | None) -> dict[str, Any]:
+    rows = report.to_pylist()
+    names = sorted({r["judge"] for r in rows})
+    kappa: list[list[float | None]] = [[1.0 if a == b else None for b in names] for a in names]
+    for r in agreement.to_pylist() if agreement is not None else []:
+        a, b = r.get("judge_a"), r.get("judge_b")
+        if a in names and b in names and r.get("kappa") is not None:
+            kappa[names.index(a)][names.index(b)] = kappa[names.index(b)][names.index(a)] = round(
+                float(r["kappa"]), 4
+            )
+    accuracy = [
+        {"judge": r["judge"], "pairs": int(r.get("n") or 0), "accuracy": float(r["accuracy"])}
+        for r in rows
+        if r.get("accuracy") is not None
+    ]
+    return {"names": names, "kappa": kappa, "accuracy": accuracy, "source": "judge"}
+
+
 # -- HTML ----------------------------------------------------------------------------------------
 def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     import plotly.graph_objects as go
@@ -212,7 +237,7 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     f.update_layout(title="Label and score distributions", xaxis_title="score", barmode="group")
     figs["labels"] = f
 
-    judges = (lab or {}) and summary.get("judges")
+    judges = summary.get("judges")
     f = go.Figure()
     if judges:
         f.add_heatmap(
@@ -227,9 +252,9 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
         acc = ", ".join(
             f"{a['judge']}: {a['accuracy']:.2f} on {a['pairs']}" for a in judges["accuracy"]
         )
+        what = "estimated accuracy" if judges.get("source") == "judge" else "accuracy vs qrels"
         f.update_layout(
-            title="Judge agreement (Cohen's kappa)"
-            + (f" - accuracy vs given judgments: {acc}" if acc else "")
+            title="Judge agreement (Cohen's kappa)" + (f" - {what}: {acc}" if acc else "")
         )
     else:
         f.update_layout(title="Judge agreement: no labels in this run")
@@ -379,7 +404,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         out += ["", "### Judges", ""]
         out.append(
             _md_table(
-                ["judge", "pairs with a given judgment", "accuracy"],
+                [
+                    "judge",
+                    "pairs",
+                    "accuracy (estimated)" if judges.get("source") else "accuracy vs qrels",
+                ],
                 [[a["judge"], a["pairs"], f"{a['accuracy']:.3f}"] for a in judges["accuracy"]],
             )
         )

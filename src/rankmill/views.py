@@ -55,12 +55,14 @@ import pyarrow as pa
 SPLITS = ("train", "validation")
 
 # Columns the optional teacher and judge tables must have for the views that use them.
-JUDGMENT_COLUMNS = ("query_id", "doc_id", "soft_label")
+JUDGMENT_COLUMNS = ("query_id", "doc_id")  # and a soft label: SOFT_LABEL_COLUMNS
+SOFT_LABEL_COLUMNS = ("posterior", "soft_label")
 # the listwise teacher's windows as shown ([1]..[n]), its order of them and its reasoning
 WINDOW_COLUMNS = ("query_id", "input_doc_ids", "output_doc_ids", "reasoning")
 # the listwise teacher's final ranking of a pool (no reasoning)
 RANKING_COLUMNS = ("query_id", "doc_ids", "input_doc_ids")
-RELABEL_COLUMNS = ("query_id", "doc_id", "relevant")
+# the judges' relabels: to_role "positive" (a false negative), "dropped", ...
+RELABEL_COLUMNS = ("query_id", "doc_id", "to_role")
 
 LISTWISE_SYSTEM = (
     "You are RankLLM, an intelligent assistant that can rank passages based on their "
@@ -77,12 +79,12 @@ class ViewInputs:
     qrels: pa.Table | None = None
     negatives: pa.Table | None = None
     labels: pa.Table | None = None
-    judgments: pa.Table | None = None  # judge ensemble: query_id, doc_id, soft_label
+    judgments: pa.Table | None = None  # judge ensemble: query_id, doc_id, posterior
     consensus: pa.Table | None = None  # pointwise teacher: query_id, doc_id, p_yes, reasoning
     reasoning: pa.Table | None = None  # pointwise teacher: query_id, doc_id, sample_index, ...
     windows: pa.Table | None = None  # listwise teacher windows: WINDOW_COLUMNS (+ status)
     rankings: pa.Table | None = None  # listwise teacher rankings: RANKING_COLUMNS
-    relabels: pa.Table | None = None  # judge relabels: query_id, doc_id, relevant
+    relabels: pa.Table | None = None  # judge relabels: query_id, doc_id, to_role
 
 
 @dataclass
@@ -141,13 +143,14 @@ def _doc_text(title: str | None, text: str) -> str:
 
 def soft_labels(inputs: ViewInputs) -> tuple[dict[tuple[str, str], float], str]:
     """(query_id, doc_id) -> soft label in [0, 1], and where they came from."""
-    if _has_columns(inputs.judgments, JUDGMENT_COLUMNS):
+    soft_col = next((c for c in SOFT_LABEL_COLUMNS if _has_columns(inputs.judgments, (c,))), None)
+    if soft_col and _has_columns(inputs.judgments, JUDGMENT_COLUMNS):
         j = inputs.judgments
         out = {}
         for q, d, s in zip(
             j.column("query_id").to_pylist(),
             j.column("doc_id").to_pylist(),
-            j.column("soft_label").to_pylist(),
+            j.column(soft_col).to_pylist(),
             strict=True,
         ):
             if s is not None:
@@ -235,17 +238,18 @@ def query_groups(inputs: ViewInputs) -> list[QueryGroup]:
         ):
             if s is not None and s > 0:
                 relevant[q].add(d)
-    relabelled: set[tuple[str, str]] = set()
+    relabelled: set[tuple[str, str]] = set()  # pairs that are no longer negatives
     if _has_columns(inputs.relabels, RELABEL_COLUMNS):
         r = inputs.relabels
-        for q, d, rel in zip(
+        for q, d, role in zip(
             r.column("query_id").to_pylist(),
             r.column("doc_id").to_pylist(),
-            r.column("relevant").to_pylist(),
+            r.column("to_role").to_pylist(),
             strict=True,
         ):
-            if rel:
+            if role != "negative":
                 relabelled.add((q, d))
+            if role == "positive":
                 relevant[q].add(d)
     if inputs.negatives is not None:
         neg = inputs.negatives.to_pylist()
