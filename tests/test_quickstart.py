@@ -8,6 +8,7 @@ import pytest
 
 from rankmill.manifest import RunDir
 from rankmill.stages.export import export_files
+from rankmill.status import run_status
 from tests.fixtures.cli import finish
 
 
@@ -24,6 +25,20 @@ def test_quickstart_runs_completes_and_resumes_for_free(tmp_path, repo):
     rd = RunDir(str(run_dir))
     corpus = rd.read_table("ingest", "corpus")
     assert corpus.num_rows >= 200
+    # the teacher stages wrote synthetic queries, pointwise labels and listwise labels, and
+    # every rank pool is a ranking or a reject with its reason, counted in status
+    lineage = rd.read_table("queries", "lineage").to_pylist()
+    assert len(lineage) >= 6 and all(r["model"] == "smollm2-135m" for r in lineage)
+    assert rd.read_table("label", "labels").num_rows > 0
+    rankings = rd.read_table("rank", "rankings").num_rows
+    ranked_out = [
+        r for r in rd.read_table("rank", "rejects").to_pylist() if r["table"] == "candidates"
+    ]
+    judged = [r for r in ranked_out if r["reason"] != "over_budget"]
+    assert rankings + len(judged) == 4
+    stages = {s["stage"]: s for s in run_status(str(run_dir))["stages"]}
+    assert stages["rank"]["rejects"]["over_budget"] == len(ranked_out) - len(judged)
+    assert stages["rank"]["llm_calls"] >= 4 and stages["queries"]["llm_calls"] >= 6
     # it ends with training views and the report
     manifest, files = export_files(str(run_dir))
     built = {v["view"] for v in manifest["views"] if v["status"] == "built"}
