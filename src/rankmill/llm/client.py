@@ -987,7 +987,7 @@ class Gateway:
         if self._fatal is not None:
             return
         self._fatal = err
-        log.error("%s", err)
+        log.info("%s: stopped for good: %s", self.name, err)  # the caller reports it
         if write:
             marker = {
                 "error": type(err).__name__,
