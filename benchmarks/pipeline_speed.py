@@ -152,10 +152,10 @@ def worker_st() -> dict:
     calls: list[tuple[int, float]] = []
     encode = model.encode
 
-    def timed(sentences, *a, **k):  # type: ignore[no-untyped-def]
+    def timed(*a, **k):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
-        out = encode(sentences, *a, **k)
-        calls.append((len(sentences), time.perf_counter() - t))
+        out = encode(*a, **k)
+        calls.append((len(a[0] if a else k["sentences"]), time.perf_counter() - t))
         return out
 
     model.encode = timed  # type: ignore[method-assign]
