@@ -16,8 +16,8 @@ What it does, everything through the CLI (so it measures whatever the runner doe
    (``resume_s``: the resumed run's wall time) and checked: every pair labeled, and only
    requests in flight at the kill sent twice;
 4. the label stage again with another temperature (new request keys, no kill): worker and
-   driver CPU per call (``cpu_ms_per_call``: the stage's Ray workers' CPU ÷ calls); then
-   re-planned with another unit size, every answer from the journal: worker CPU per hit;
+   driver CPU per call (``cpu_ms_per_call``: the stage's Ray workers' CPU ÷ calls; the CPU
+   of a journal hit is measured by ``benchmarks/llm_throughput.py``);
 5. the label stage again against a server answering in 1 s, ``max_concurrency:
    --util-concurrency``: ``utilization`` = calls/s over the stage's wall time ÷ (concurrency
    ÷ latency);
@@ -423,28 +423,6 @@ def main() -> None:
                     f"({n_calls / label_s:.0f}/s), worker CPU {cpu_ms:.2f} ms/call, driver "
                     f"{driver_cpu_ms:.2f} ms/call, Ray system "
                     f"{1000 * cpu.get('ray-system', 0.0) / max(1, n_calls):.2f} ms/call",
-                )
-            )
-
-            # the same stage re-planned with another unit size: every answer from the journal
-            fast.reset()
-            wall, w, _, _ = run_cli(
-                [
-                    *base,
-                    "--set",
-                    "stages.label.temperature=0.3",
-                    "--set",
-                    f"stages.label.rows_per_unit={max(1, args.rows_per_unit // 2)}",
-                ],
-                work,
-            )
-            sent_again = sum(fast.stats()["completed"].values())
-            hit_ms = 1000 * w.cpu_by_kind().get("worker", 0.0) / max(1, n_calls)
-            rows.append(
-                (
-                    "label, re-planned",
-                    f"{stage_wall(run_dir, 'label'):.1f} s, {sent_again} calls sent, worker CPU "
-                    f"{hit_ms:.2f} ms per journal hit",
                 )
             )
 

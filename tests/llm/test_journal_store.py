@@ -252,9 +252,13 @@ def test_object_storage_answers_are_in_the_run_dir_before_they_are_returned(
     again = other.chat_many_sync(reqs)
     assert server.stats()["requests"] == 0 and all(r.cached for r in again)
     assert [r.text for r in again] == [r.text for r in first]
+    # A second batch is published too (the first one's rows already left the live store).
+    more = [ChatRequest(messages=user(f"more {i}")) for i in range(7)]
+    gw.chat_many_sync(more)
+    assert read_totals(run, local_root=str(tmp_path / "node-c")).requests == 27
     gw.close()
     other.close()
-    assert read_totals(run).requests == 20
+    assert read_totals(run).requests == 27
 
 
 def test_object_storage_killed_writer_is_published_from_its_node(s3, tmp_path):

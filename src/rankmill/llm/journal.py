@@ -115,7 +115,7 @@ except ImportError:  # pragma: no cover - orjson is normally present
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: publishes go by seq
     key TEXT NOT NULL UNIQUE,
     ok INTEGER NOT NULL,
     cost REAL NOT NULL,
