@@ -149,12 +149,122 @@ def simulate_answers_cached(truth, judges, seed):
     return simulate_answers(truth, judges, seed=1000 + seed)
 
 
+def real(queries: int, calibration: int, run_dir: str) -> dict:
+    """The judge stage on a slice of cranfield: ingest (one positive per query, as a synthetic
+    query knows), mine, then judges (MiniLM, and SmolLM2 under two prompts and two seeds)."""
+    import json
+    import tempfile
+
+    import numpy as np
+    from _judged import DATA, load, one_positive
+
+    from rankmill.ensemble import aggregate, judge_votes, task_id
+    from rankmill.manifest import RunDir
+    from rankmill.pipeline import validate_pipeline
+    from rankmill.runner import Runner
+
+    coll = load("cranfield")
+    pos = one_positive(coll, seed=0)
+    qids = sorted(pos, key=lambda x: int(x) if x.isdigit() else x)[:queries]
+    src = Path(tempfile.mkdtemp(prefix="judges-bench-"))
+    (src / "qrels").mkdir()
+    os.symlink(DATA / "cranfield" / "corpus.jsonl", src / "corpus.jsonl")
+    with open(src / "queries.jsonl", "w") as f:
+        for q in qids:
+            f.write(json.dumps({"_id": q, "text": coll.queries[q]}) + "\n")
+    with open(src / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q in qids:
+            f.write(f"{q}\t{pos[q]}\t1\n")
+    llm = {"endpoint": "local", "temperature": 0.7, "max_tokens": 24}
+    raw = {
+        "run": {"name": "judges-bench", "seed": 13},
+        "endpoints": {"local": {"local": True, "model": "smollm2-135m", "n_ctx": 2048,
+                                "max_concurrency": 1, "timeout_s": 300}},
+        "stages": {
+            "ingest": {"source": str(src)},
+            "mine": {"num_negatives": 4},
+            "judge": {
+                "calibration_pairs": calibration,
+                "doc_max_chars": 600,
+                "rows_per_unit": 32,
+                "judges": [
+                    {"name": "minilm", "kind": "bi_encoder", "threshold": 0.5},
+                    {"name": "smollm", **llm},
+                    {"name": "smollm_strict", "prompt": "judge_strict", **llm},
+                    {"name": "smollm_seed", "seed": 1, **llm},
+                ],
+            },
+        },
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    Runner(validate_pipeline(raw), run_dir).run()
+    seconds = time.perf_counter() - t0
+    rd = RunDir(run_dir)
+    votes = rd.read_table("judge", "votes").to_pylist()
+    judgments = rd.read_table("judge", "judgments").to_pylist()
+    truth = {
+        task_id(j["query_id"], j["doc_id"]): int(
+            j["doc_id"] in coll.relevant.get(j["query_id"], ())
+        )
+        for j in judgments
+    }
+    data = [
+        {"task": task_id(v["query_id"], v["doc_id"]), "judge": v["judge"],
+         "verdict": v["verdict"]}
+        for v in votes
+    ]  # fmt: skip
+    jv = judge_votes(data)
+    acc = {
+        j: float(
+            np.mean([int(lab) == truth[t] for t, lab in zip(g["task"], g["label"], strict=True)])
+        )
+        for j, g in jv.groupby("worker")
+    }
+    mv = aggregate(data, "majority_vote").pairs["label"]
+    acc_mv = float(np.mean([int(mv[t]) == truth[t] for t in mv.index if mv[t] is not None]))
+    labelled = [j for j in judgments if j["label"] is not None]
+    acc_ds = float(np.mean([int(j["label"]) == truth[task_id(j["query_id"], j["doc_id"])]
+                            for j in labelled]))  # fmt: skip
+    llm_judges = 3
+    llm_calls = sum(1 for v in votes if v["kind"] == "llm")
+    before = rd.read_table("mine", "negatives").to_pylist()
+    after = rd.read_table("judge", "negatives").to_pylist()
+
+    def fn(rows: list) -> tuple[int, int]:
+        n = sum(len(r["negative_ids"]) for r in rows)
+        f = sum(
+            1 for r in rows for d in r["negative_ids"] if d in coll.relevant.get(r["query_id"], ())
+        )
+        return n, f
+
+    nb, fb = fn(before)
+    na, fa = fn(after)
+    return {
+        "pairs": len(judgments),
+        "seconds": seconds,
+        "acc": acc,
+        "acc_majority": acc_mv,
+        "acc_ds": acc_ds,
+        "llm_calls_per_pair": llm_calls / max(1, len(judgments)),
+        "calls_saved": 1.0 - llm_calls / max(1, llm_judges * len(judgments)),
+        "fn_before": fb / max(1, nb),
+        "fn_after": fa / max(1, na),
+        "negatives_kept": na / max(1, nb),
+        "negatives_before": nb,
+        "report": rd.read_table("judge", "judge_report").to_pylist(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--simulated-only", action="store_true", help="run the simulation alone")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--confidences", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     ap.add_argument("--calibration", type=int, default=300, help="pairs in the calibration slice")
+    ap.add_argument("--queries", type=int, default=16, help="real part: cranfield queries")
+    ap.add_argument("--real-calibration", type=int, default=24, help="real part: calibration")
+    ap.add_argument("--run-dir", default=None, help="real part: run directory (default: tmp)")
     args = ap.parse_args()
 
     import pandas as pd
@@ -172,8 +282,32 @@ def main() -> None:
         f"{df['acc_best_single'].mean():.3f}; Dawid-Skene accuracy estimates off by at most "
         f"{df['ds_accuracy_error'].max():.3f}"
     )
+    r = None
     if not args.simulated_only:
-        print("real judges: run the judge stage (see the README); not part of this run")
+        import tempfile
+
+        run_dir = args.run_dir or tempfile.mkdtemp(prefix="judges-run-")
+        r = real(args.queries, args.real_calibration, run_dir)
+        print(
+            f"\nreal: judge stage on {r['pairs']} mined pairs of {args.queries} cranfield queries "
+            f"({r['seconds']:.0f} s); accuracy against cranfield's judgments:"
+        )
+        for j, a in sorted(r["acc"].items()):
+            print(f"  {j:<14} {a:.3f}")
+        print(f"  {'majority':<14} {r['acc_majority']:.3f}")
+        print(f"  {'dawid_skene':<14} {r['acc_ds']:.3f}")
+        for row in r["report"]:
+            print(
+                f"  {row['judge']}: estimated accuracy {row['accuracy']:.3f}, sensitivity "
+                f"{row['sensitivity'] or 0:.2f}, specificity {row['specificity'] or 0:.2f}; "
+                f"{'; '.join(row['warnings']) or 'no warning'}"
+            )
+        print(
+            f"  LLM calls per pair {r['llm_calls_per_pair']:.2f} (full voting 3), saved "
+            f"{r['calls_saved']:.3f}; false negatives among {r['negatives_before']} mined "
+            f"negatives {r['fn_before']:.3f} before relabeling, {r['fn_after']:.3f} after, "
+            f"{r['negatives_kept']:.3f} of negatives kept"
+        )
     default = df[(df["mode"] == "adaptive") & (df["confidence"] == 0.95)]
     full = df[df["mode"] == "full"]
     if default.empty:
@@ -184,6 +318,14 @@ def main() -> None:
         f"ds_accuracy_error={df['ds_accuracy_error'].max():.3f} "
         f"acc_best_single={df['acc_best_single'].mean():.3f} "
         f"acc_ensemble={default['accuracy'].mean():.3f} acc_full={full['accuracy'].mean():.3f}"
+        + (
+            ""
+            if r is None
+            else f" real_calls_saved={r['calls_saved']:.3f} real_acc_best_single="
+            f"{max(r['acc'].values()):.3f} real_acc_ensemble={r['acc_ds']:.3f} "
+            f"fn_before={r['fn_before']:.3f} fn_after={r['fn_after']:.3f} "
+            f"negatives_kept={r['negatives_kept']:.3f}"
+        )
     )
 
 

@@ -261,7 +261,8 @@ JUDGMENTS = pa.schema(
         pa.field("role", pa.string()),  # positive, negative or candidate, before judging
         pa.field("new_role", pa.string()),  # after relabeling ("dropped" if it leaves)
         pa.field("label", pa.bool_()),  # hard label; null when no judge voted
-        pa.field("posterior", pa.float64()),  # soft label: P(relevant)
+        pa.field("posterior", pa.float64()),  # P(relevant) under the aggregation method
+        pa.field("soft_label", pa.float64()),  # the soft label training views use (= posterior)
         pa.field("confidence", pa.float64()),  # posterior of the leading answer
         pa.field("method", pa.string()),  # the aggregation method
         pa.field("votes", pa.int32()),  # valid answers
@@ -285,6 +286,7 @@ RELABELS = pa.schema(
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("from_role", pa.string()),
         pa.field("to_role", pa.string()),
+        pa.field("relevant", pa.bool_()),  # the ensemble's label of the pair
         pa.field("reason", pa.string(), nullable=False),
         pa.field("posterior", pa.float64()),
         pa.field("teacher_score", pa.float64()),

@@ -151,6 +151,7 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
         for key, j in by_pair.items():
             assert 0.0 <= j["posterior"] <= 1.0
             assert j["label"] == (j["posterior"] > 0.5)
+            assert j["soft_label"] == j["posterior"]  # what export's views read
             assert j["stop_reason"] in ("exhausted", "settled", "confident")
             assert j["calibration"] == (key in calib)
         relabels = rd.read_table("judge", "relabels").to_pylist()
@@ -158,6 +159,7 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
             j = by_pair[(r["query_id"], r["doc_id"])]
             assert r["from_role"] == j["role"] and r["to_role"] == j["new_role"]
             assert r["reason"] == j["reason"] and r["posterior"] == j["posterior"]
+            assert r["relevant"] == j["label"]
         changed = [j for j in judgments if j["new_role"] != j["role"]]
         assert len(changed) == len(relabels)
         report = {r["judge"]: r for r in rd.read_table("judge", "judge_report").to_pylist()}

@@ -188,6 +188,12 @@ class JudgeParams(StageParams):
         "candidates, else judged pairs.",
     )
     max_docs_per_query: int = Field(20, ge=1, description="Candidates: the top this many.")
+    max_queries: int | None = Field(
+        None,
+        ge=1,
+        description="Judge the pairs of only this many queries (the first by query_id); the "
+        "others pass through unjudged. None: all.",
+    )
     doc_max_chars: int = Field(2000, ge=64, description="Cut documents to this many characters.")
     query_max_chars: int = Field(1000, ge=16, description="Cut queries to this many characters.")
     rows_per_unit: int = Field(64, ge=1, description="Pairs per work unit.")
@@ -637,6 +643,7 @@ class JudgeStage(Stage):
                     "new_role": dec.new_role,
                     "label": None if label is None else bool(label),
                     "posterior": row.get("posterior"),
+                    "soft_label": row.get("posterior"),
                     "confidence": row.get("confidence"),
                     "method": p.method,
                     "votes": row.get("votes", 0),
@@ -678,6 +685,7 @@ class JudgeStage(Stage):
                         "doc_id": row["doc_id"],
                         "from_role": from_role,
                         "to_role": to_role,
+                        "relevant": None if row.get("label") is None else bool(row["label"]),
                         "reason": why,
                         "posterior": row.get("posterior"),
                         "teacher_score": row.get("teacher_score"),
@@ -820,6 +828,7 @@ def build_judge_pairs(
     qrels: pa.Table | None = None,
     pairs_from: str = "auto",
     max_docs_per_query: int = 20,
+    max_queries: int | None = None,
 ) -> list[dict[str, Any]]:
     """The pairs to judge with their role and texts, deterministic order, no duplicates."""
     from rankmill.errors import StageError
@@ -862,6 +871,9 @@ def build_judge_pairs(
     else:
         for r in sorted(table.to_pylist(), key=lambda x: (x["query_id"], x["doc_id"])):
             add(r["query_id"], r["doc_id"], "positive" if r["score"] > 0 else "negative")
+    if max_queries is not None:
+        keep = set(sorted({r["query_id"] for r in out})[:max_queries])
+        out = [r for r in out if r["query_id"] in keep]
     qtext = dict(
         zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist(), strict=True)
     )
