@@ -87,7 +87,8 @@ def test_publish_loads_back_makes_no_second_commit_and_uploads_no_secret(tmp_pat
         front = yaml.safe_load(card.split("---\n")[1])
         assert [c["config_name"] for c in front["configs"]] == built
         assert front["license"] and front["task_categories"] and front["size_categories"]
-        assert "## Provenance" in card and "## Pipeline" in card and "Rejected" in card
+        assert "## Provenance" in card and "## Pipeline" in card
+        assert "Rows, rejects, LLM calls and cost by stage" in card and "| tables |" in card
         assert not any("/disk/" in p for p in remote)
         for f in manifest["files"]:
             if f["format"] == "parquet":
