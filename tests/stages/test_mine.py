@@ -190,6 +190,8 @@ def test_embedding_threads_follow_the_actor_cpus():
     cpus = os.cpu_count() or 1
     assert MineParams().threads() == cpus  # alone on the machine: all of it
     assert MineParams(workers=2).threads() == max(1, cpus // 2)
+    # as the actors rebuild them from the driver's JSON
+    assert MineParams.model_validate_json(MineParams().model_dump_json()).threads() == cpus
 
 
 @pytest.mark.slow

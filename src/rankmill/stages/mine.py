@@ -135,17 +135,24 @@ class MineParams(StageParams, MiningParams):
 
     def threads(self) -> int:
         """How many torch threads an actor embeds with."""
-        if self.embed_threads:
-            return self.embed_threads
-        if "worker_cpus" in self.model_fields_set:
-            return max(1, int(self.worker_cpus))
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return self.embed_threads or 1
 
     def device_kind(self) -> str:
         """Where embeddings are computed: 'cuda' or 'cpu' (fingerprinted)."""
         if self.device != "auto":
             return self.device.split(":")[0]
         return "cuda" if self.worker_gpus > 0 else "cpu"
+
+    @model_validator(mode="after")
+    def _threads_default(self) -> MineParams:
+        # Resolved where the config is read, so the value travels to the actors as it is.
+        if self.embed_threads is None:
+            if "worker_cpus" in self.model_fields_set:
+                n = max(1, int(self.worker_cpus))
+            else:
+                n = max(1, (os.cpu_count() or 1) // self.workers)
+            object.__setattr__(self, "embed_threads", n)
+        return self
 
     @model_validator(mode="after")
     def _gpu_default(self) -> MineParams:
