@@ -40,6 +40,9 @@ def test_pairs_from_negatives_carry_roles_and_texts():
     qrels = pa.table({"query_id": ["q1", "q1"], "doc_id": ["d3", "d2"], "score": [0, 2]})
     rows = build_judge_pairs(_corpus(), _queries(), qrels=qrels)
     assert [(r["doc_id"], r["role"]) for r in rows] == [("d2", "positive"), ("d3", "negative")]
+    two = pa.table({"query_id": ["q2", "q1"], "doc_id": ["d1", "d2"], "score": [1, 1]})
+    rows = build_judge_pairs(_corpus(), _queries(), qrels=two, max_queries=1)
+    assert [(r["query_id"], r["doc_id"]) for r in rows] == [("q1", "d2")]
 
 
 def test_params_need_unique_judges_and_endpoints_for_llm_judges():

@@ -267,6 +267,7 @@ class JudgeStage(Stage):
             qrels=inputs.get("qrels"),
             pairs_from=p.pairs_from,
             max_docs_per_query=p.max_docs_per_query,
+            max_queries=p.max_queries,
         )
 
         # The calibration slice: a seeded choice spread over the pairs (not the first queries).
