@@ -155,7 +155,8 @@ def worker_st() -> dict:
     def timed(*a, **k):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
         out = encode(*a, **k)
-        calls.append((len(a[0] if a else k["sentences"]), time.perf_counter() - t))
+        texts = a[0] if a else next(v for v in k.values() if isinstance(v, list))
+        calls.append((len(texts), time.perf_counter() - t))
         return out
 
     model.encode = timed  # type: ignore[method-assign]
