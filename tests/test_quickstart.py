@@ -13,6 +13,7 @@ from tests.fixtures.cli import finish
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every stage against a small local model on 2 cores
 def test_quickstart_runs_completes_and_resumes_for_free(tmp_path, repo):
     run_dir = tmp_path / "qs"
     t0 = time.perf_counter()

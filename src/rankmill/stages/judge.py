@@ -119,7 +119,7 @@ class JudgeConfig(BaseModel):
         description="LLM judges: a seed base of this judge's own (two judges on one endpoint "
         "and prompt then sample differently); None: derived from the run seed.",
     )
-    max_tokens: int = Field(24, ge=1, le=512, description="LLM judges: answer token limit.")
+    max_tokens: int = Field(48, ge=1, le=512, description="LLM judges: answer token limit.")
     answer_format: Literal["json", "word"] = Field(
         "json",
         description="LLM judges: 'json' ({\"relevant\": true|false}, constrained) or 'word' "

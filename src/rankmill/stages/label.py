@@ -255,7 +255,7 @@ class LabelParams(StageParams):
         ge=1,
         le=4096,
         description="Answer token limit; a longer answer is a 'truncated' reject (repaired "
-        "in reasoning and score modes). None: 8 for word answers, 24 for json, 384 with "
+        "in reasoning and score modes). None: 8 for word answers, 48 for json, 384 with "
         "reasoning.",
     )
     logprobs: bool = Field(
@@ -369,7 +369,7 @@ class LabelStage(Stage):
         if p.mode != "verdict":
             max_tokens = p.max_tokens or 384
         else:
-            max_tokens = p.max_tokens or (24 if p.answer_format == "json" else 8)
+            max_tokens = p.max_tokens or (48 if p.answer_format == "json" else 8)
         params: dict[str, Any] = {"temperature": p.temperature, "max_tokens": max_tokens}
         if p.top_p is not None:
             params["top_p"] = p.top_p
