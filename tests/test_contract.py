@@ -20,6 +20,7 @@ from rankmill.runner import Runner
 from rankmill.status import EXIT_CORRUPT, EXIT_FLAGGED, EXIT_LOCKED, run_status
 from tests.fixtures.cli import finish, spawn
 
+REPO = Path(__file__).resolve().parents[1]
 COUNT = "tests.fixtures.stages:CountStage"
 DOUBLE = "tests.fixtures.stages:DoubleStage"
 
@@ -347,9 +348,6 @@ def test_sigterm_stops_the_cli_and_its_workers(tmp_path, repo):
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not alive, [psutil.Process(p).cmdline() for p in alive]
     assert not (run_dir / "lock.json").exists() or run_id not in (run_dir / "lock.json").read_text()
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -- several endpoints in one stage --------------------------------------------------------------

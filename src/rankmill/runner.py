@@ -378,7 +378,6 @@ class Runner:
                     i = todo.index(r.stage)
                     result.stages = [s for s in result.stages if s.name in todo[:i]]
                     continue
-                self._write_pipeline(fps)
                 result.stages.append(outcome)
                 i += 1
         finally:
@@ -436,6 +435,7 @@ class Runner:
                 self._quarantine(exc)
                 raise _Restart(name) from None
             fps[name] = stage_fp
+            self._write_pipeline(fps)
             outcome.units_total = outcome.units_skipped = len(plan.units)
             self.on_event("stage_skipped", stage=name, units=len(plan.units))
             return outcome
