@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--run-root", default=None, help="where the journals go (default: ./)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    os.makedirs(args.run_root or os.getcwd(), exist_ok=True)
     root = tempfile.mkdtemp(prefix=".bench-llm-", dir=args.run_root or os.getcwd())
     if args.ledger == "ray":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

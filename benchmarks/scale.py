@@ -354,7 +354,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix=".bench-scale-", dir=args.workdir or os.getcwd()))
+    parent = Path(args.workdir or os.getcwd())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".bench-scale-", dir=parent))
     data, run_dir = work / "data", work / "run"
     rows: list[tuple[str, str]] = []
     try:
