@@ -8,13 +8,18 @@ pairs, the judged-relevant ones (1) and three unjudged documents per relevant on
 among mined candidates. The ensemble asks, cheapest first, a bi-encoder-like model judge
 (1 vote, no LLM call), then three LLM judges with 3 samples each (a small, a medium and a large
 model). Full voting asks everything; adaptive voting fits Dawid–Skene on a calibration slice
-that every judge labels fully, then stops each pair once its outcome is settled or its posterior
-passes the confidence. Both are aggregated with Dawid–Skene over all their votes, and compared
-on the same drawn answers: LLM calls per pair, calls saved, label agreement with full voting,
-and accuracy against the simulated truth of each.
+that every judge labels fully (and each judge's sample consistency), then asks the other pairs
+round by round, cheapest judge first, and stops each pair once its outcome is settled or the
+remaining votes would leave its label unchanged with the given confidence. Both are
+aggregated with Dawid–Skene over all their votes, and compared on the same drawn answers: LLM
+calls per pair, calls saved, label agreement with full voting, and accuracy against the
+simulated truth of each. (Agreement has a floor set by Dawid–Skene itself: a vote pattern
+whose posterior is within a hair of one half, such as three weaker judges for and the strongest
+against, lands on either side depending on the fitted accuracies, so two fits on different vote
+sets can split a few per cent of pairs even where every vote was asked.)
 
 Last line: ``summary: calls_saved=… agreement=… ds_accuracy_error=… acc_best_single=…
-acc_ensemble=… acc_full=…`` (simulation, at the default confidence 0.95, mean over seeds;
+acc_ensemble=… acc_full=…`` (simulation, at the stage's default confidence, mean over seeds;
 ``ds_accuracy_error`` is the largest gap between a judge's Dawid–Skene accuracy estimate and its
 true accuracy).
 """
@@ -102,7 +107,7 @@ def simulate(seed: int, confidences: list[float], calibration: int) -> list[dict
     rng = np.random.default_rng(seed)
     cal = set(rng.choice(tasks, size=calibration, replace=False).tolist())
     cal_votes = [v for v in full_votes if v["task"] in cal]
-    model = JudgeModel.from_aggregate(aggregate(cal_votes, "dawid_skene"))
+    model = JudgeModel.from_aggregate(aggregate(cal_votes, "dawid_skene"), votes=cal_votes)
     rest = [x for x in tasks if x not in cal]
     rows = [
         {
@@ -260,7 +265,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--simulated-only", action="store_true", help="run the simulation alone")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--confidences", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    ap.add_argument("--confidences", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995])
     ap.add_argument("--calibration", type=int, default=300, help="pairs in the calibration slice")
     ap.add_argument("--queries", type=int, default=16, help="real part: cranfield queries")
     ap.add_argument("--real-calibration", type=int, default=24, help="real part: calibration")
@@ -308,7 +313,9 @@ def main() -> None:
             f"negatives {r['fn_before']:.3f} before relabeling, {r['fn_after']:.3f} after, "
             f"{r['negatives_kept']:.3f} of negatives kept"
         )
-    default = df[(df["mode"] == "adaptive") & (df["confidence"] == 0.95)]
+    from rankmill.ensemble import StopRule
+
+    default = df[(df["mode"] == "adaptive") & (df["confidence"] == StopRule().confidence)]
     full = df[df["mode"] == "full"]
     if default.empty:
         default = df[df["mode"] == "adaptive"]

@@ -15,11 +15,13 @@ one-coin Dawid–Skene, GLAD and MACE::
     model = JudgeModel.from_aggregate(agg)        # sensitivity/specificity per judge + prior
 
 **Adaptive stopping** (:class:`PairVotes`, :func:`stop_reason`): judges are asked cheapest
-first, sample by sample; a judge stops sampling once its majority is fixed, and the pair stops
-once the outcome cannot change with the votes left, or once the posterior of the leading
-answer (given each judge's estimated sensitivity and specificity) reaches a confidence, or at
-a cap on votes. An expensive judge late in the order is therefore asked only where the cheap
-ones disagree or are unsure (a cascade).
+first, round by round (every judge's first sample, then second samples, ...); a judge stops
+sampling once its majority is fixed, and the pair stops once the outcome cannot change with the
+votes left, or once it is confident enough: under a :class:`JudgeModel` fitted on a fully
+labelled calibration slice (each judge's sensitivity, specificity and sample consistency), the
+probability that asking every remaining sample of every judge would leave the pair's label
+unchanged reaches a confidence; or at a cap on votes. An expensive judge late in the order is
+therefore asked only where the cheap ones disagree or are unsure (a cascade).
 
 **Agreement**: Cohen's κ per judge pair (scikit-learn), Fleiss' κ (statsmodels) and
 Krippendorff's α (crowd-kit), with warnings for near-duplicate and at-or-below-chance judges.
@@ -246,26 +248,42 @@ def accuracy_against(
 # -- a fitted model of the judges, for stopping ------
 @dataclass
 class JudgeModel:
-    """Sensitivity and specificity per judge plus the prior P(relevant): what the posterior
-    of a pair given its judge votes needs (judges independent given the true label)."""
+    """What the stopping rule knows about the judges: per judge the sensitivity and
+    specificity of its judge vote (the majority of its samples, as the aggregation methods see
+    it), the prior P(relevant), and, for judges that sample, the **consistency** of a sample:
+    the chance that one sample repeats the judge's own belief about the pair (judges
+    independent given the true label; samples independent given the judge's belief).
+
+    With consistencies, :meth:`predict` tells how likely asking every remaining sample of
+    every judge would change a pair's label; without, only judges whose vote is fixed count.
+    """
 
     prior: float
     sensitivity: dict[str, float]
     specificity: dict[str, float]
     floor: float = 0.02  # no judge is trusted beyond 1 - floor (small calibration slices)
+    consistency: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_aggregate(
-        cls, agg: Aggregate, smoothing: float = 1.0, floor: float = 0.02
+        cls,
+        agg: Aggregate,
+        smoothing: float = 1.0,
+        floor: float = 0.02,
+        votes: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None,
     ) -> JudgeModel:
         """Estimates with ``smoothing`` pseudo-counts per cell (Laplace), so that a judge
-        seen on few pairs is not taken as perfect."""
+        seen on few pairs is not taken as perfect; with the ``votes`` the aggregate was fitted
+        on, each sampling judge's consistency too (:func:`sample_consistency`)."""
         sens, spec = {}, {}
         for judge, r in agg.judges.iterrows():
             sens[str(judge)] = float((r["tp"] + smoothing) / (r["tp"] + r["fn"] + 2 * smoothing))
             spec[str(judge)] = float((r["tn"] + smoothing) / (r["tn"] + r["fp"] + 2 * smoothing))
         prior = agg.prior if math.isfinite(agg.prior) else 0.5
-        return cls(prior=float(prior), sensitivity=sens, specificity=spec, floor=floor)
+        cons = sample_consistency(votes) if votes is not None else {}
+        return cls(
+            prior=float(prior), sensitivity=sens, specificity=spec, floor=floor, consistency=cons
+        )
 
     def _clip(self, x: float) -> float:
         return min(1.0 - self.floor, max(self.floor, x))
@@ -289,6 +307,91 @@ class JudgeModel:
         """P(relevant | judge votes)."""
         return _sigmoid(self.prior_log_odds() + sum(self.llr(j, v) for j, v in votes.items()))
 
+    def can_predict(self, judges: Sequence[JudgeSpec]) -> bool:
+        """Whether every judge is known, and every sampling one has a consistency."""
+        return all(
+            j.name in self.sensitivity and (j.samples == 1 or j.name in self.consistency)
+            for j in judges
+        )
+
+    def _belief_model(self, spec: JudgeSpec) -> tuple[float, float, float]:
+        """(P(belief yes | relevant), P(belief no | not relevant), consistency) of one judge:
+        the judge-vote sensitivity and specificity undone through the majority of
+        ``spec.samples`` samples of the given consistency."""
+        se = self._clip(self.sensitivity[spec.name])
+        sp = self._clip(self.specificity[spec.name])
+        if spec.samples <= 1:
+            return se, sp, 1.0
+        c = min(1.0 - self.floor / 2, max(0.5 + self.floor, self.consistency[spec.name]))
+        right = wrong = 0.0  # P(the majority repeats / contradicts the belief)
+        n = spec.samples
+        for k in range(n + 1):  # k samples repeat the belief
+            pk = math.comb(n, k) * c**k * (1.0 - c) ** (n - k)
+            if 2 * k > n:
+                right += pk
+            elif 2 * k < n:
+                wrong += pk
+
+        # judge-vote se = (se_b * right + (1 - se_b) * wrong) / (right + wrong), solved for se_b
+        def undo(x: float) -> float:
+            return self._clip((x * (right + wrong) - wrong) / (right - wrong))
+
+        return undo(se), undo(sp), c
+
+    def predict(self, state: PairVotes) -> tuple[int, float]:
+        """(the label the pair has now, the probability that asking every remaining sample of
+        every judge leaves it unchanged).
+
+        The label now is the sign of the posterior log-odds from the current judge votes (a
+        judge's majority of the samples asked so far), as an aggregation of the votes cast
+        would give; the label at the end is the same for the judge votes once every sample is
+        in. Their distribution given the samples so far is exact under the model: a judge's
+        belief, its samples given the belief, judges independent given the true label.
+        """
+        base = self.prior_log_odds()
+        now = base
+        # per true label t: P(samples so far | t), and the distribution of the final log-odds
+        lik = {1: 1.0, 0: 1.0}
+        final: dict[int, dict[float, float]] = {1: {base: 1.0}, 0: {base: 1.0}}
+        for spec in state.judges:
+            yes, no, left = state._counts(spec)
+            left = max(0, left)
+            now += self.llr(spec.name, None if yes == no else int(yes > no))
+            se_b, sp_b, c = self._belief_model(spec)
+            # P(samples so far | belief), and the judge's final vote given its belief
+            obs = {b: (c if b else 1 - c) ** yes * (1 - c if b else c) ** no for b in (1, 0)}
+            ends: dict[int, dict[int | None, float]] = {1: {}, 0: {}}
+            for b in (1, 0):
+                p_yes = c if b else 1.0 - c
+                for k in range(left + 1):  # k more yes among the samples left
+                    pk = math.comb(left, k) * p_yes**k * (1.0 - p_yes) ** (left - k)
+                    y, n = yes + k, no + left - k
+                    v = None if y == n else int(y > n)
+                    ends[b][v] = ends[b].get(v, 0.0) + pk
+            for t in (1, 0):
+                pb1 = se_b if t else 1.0 - sp_b  # P(belief yes | t)
+                w = {1: pb1 * obs[1], 0: (1.0 - pb1) * obs[0]}
+                z = w[1] + w[0]
+                lik[t] *= z
+                votes: dict[int | None, float] = {}
+                for b in (1, 0):
+                    for v, pv in ends[b].items():
+                        votes[v] = votes.get(v, 0.0) + (w[b] / z) * pv
+                nxt: dict[float, float] = {}
+                for x, px in final[t].items():
+                    for v, pv in votes.items():
+                        key = round(x + self.llr(spec.name, v), 9)
+                        nxt[key] = nxt.get(key, 0.0) + px * pv
+                final[t] = nxt
+        label = int(now > 0.0)
+        prior = self._clip(self.prior)
+        post1 = prior * lik[1] / (prior * lik[1] + (1.0 - prior) * lik[0])
+        keep = 0.0
+        for t, pt in ((1, post1), (0, 1.0 - post1)):
+            same = sum(p for x, p in final[t].items() if int(x > 0.0) == label)
+            keep += pt * same
+        return label, min(1.0, keep)
+
     def rows(self) -> list[dict[str, Any]]:
         return [
             {
@@ -296,6 +399,7 @@ class JudgeModel:
                 "sensitivity": self.sensitivity[j],
                 "specificity": self.specificity[j],
                 "prior": self.prior,
+                "consistency": self.consistency.get(j),
             }
             for j in sorted(self.sensitivity)
         ]
@@ -309,7 +413,35 @@ class JudgeModel:
             sensitivity={str(r["judge"]): float(r["sensitivity"]) for r in rows},
             specificity={str(r["judge"]): float(r["specificity"]) for r in rows},
             floor=floor,
+            consistency={
+                str(r["judge"]): float(r["consistency"])
+                for r in rows
+                if r.get("consistency") is not None
+            },
         )
+
+
+def sample_consistency(votes: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per judge that sampled a pair more than once: the chance c that one sample repeats the
+    judge's belief, from the share a of agreeing sample pairs (a = c² + (1 - c)²)."""
+    df = _frame(votes)
+    valid = df[df["verdict"].notna()]
+    if valid.empty:
+        return {}
+    g = valid.assign(v=valid["verdict"].astype(bool).astype(int)).groupby(["judge", "task"])["v"]
+    per = pd.DataFrame({"yes": g.sum(), "k": g.count()}).reset_index()
+    per = per[per["k"] >= 2]
+    if per.empty:
+        return {}
+    no = per["k"] - per["yes"]
+    per = per.assign(
+        agree=per["yes"] * (per["yes"] - 1) + no * (no - 1), pairs=per["k"] * (per["k"] - 1)
+    )
+    out: dict[str, float] = {}
+    for judge, grp in per.groupby("judge"):
+        a = float(grp["agree"].sum() / grp["pairs"].sum())
+        out[str(judge)] = 0.5 + 0.5 * math.sqrt(max(0.0, 2.0 * a - 1.0))
+    return out
 
 
 def _sigmoid(x: float) -> float:
@@ -332,11 +464,12 @@ class JudgeSpec:
 
 @dataclass
 class StopRule:
-    """When a pair is settled. ``confidence``: stop once the leading answer's posterior reaches
-    it (needs a :class:`JudgeModel`); ``max_votes``: a cap on calls per pair; ``full``: ask
-    every judge every sample (the calibration slice)."""
+    """When a pair is settled. ``confidence``: stop once the chance that the remaining votes
+    leave the pair's label unchanged reaches it (needs a :class:`JudgeModel`; see
+    :func:`stop_reason`); ``max_votes``: a cap on calls per pair; ``full``: ask every judge
+    every sample (the calibration slice)."""
 
-    confidence: float = 0.95
+    confidence: float = 0.99
     max_votes: int | None = None
     full: bool = False
 
@@ -386,17 +519,23 @@ class PairVotes:
         return out
 
     def next_call(self, rule: StopRule | None = None) -> tuple[str, int] | None:
-        """The next (judge, sample index) to ask, cheapest judge first; None when every
-        judge's vote is fixed."""
+        """The next (judge, sample index) to ask; None when every judge's vote is fixed.
+
+        Round by round, cheapest judge first: every judge's first sample, then second samples,
+        and so on, skipping judges whose vote no remaining sample can change. A later, dearer
+        judge is thus asked only while the cheaper ones leave the pair open, and a judge's
+        extra samples only where its first ones did not settle it. ``rule.full`` (the
+        calibration slice) asks every sample of every judge.
+        """
+        full = rule is not None and rule.full
+        best: tuple[str, int] | None = None
         for spec in self.judges:
             got = len(self.asked.get(spec.name, []))
-            if got >= spec.samples:
+            if got >= spec.samples or (not full and self.judge_vote(spec)[1]):
                 continue
-            if rule is not None and rule.full:
-                return spec.name, got
-            if not self.judge_vote(spec)[1]:
-                return spec.name, got
-        return None
+            if best is None or got < best[1]:
+                best = (spec.name, got)
+        return best
 
     def settled_votes(self) -> dict[str, int | None]:
         return {s.name: self.judge_vote(s)[0] for s in self.judges if self.judge_vote(s)[1]}
@@ -415,8 +554,10 @@ def stop_reason(state: PairVotes, rule: StopRule, model: JudgeModel | None = Non
 
     "exhausted": every judge's vote is fixed; "cap": ``max_votes`` calls made; "settled": the
     decision (posterior above or below one half under ``model``; the majority of judge votes
-    without one) is the same whatever the remaining votes say; "confident": the leading
-    answer's posterior, from the judges whose votes are fixed, reaches ``rule.confidence``.
+    without one) is the same whatever the remaining votes say; "confident": under ``model``,
+    the probability that asking every remaining sample of every judge leaves the pair's label
+    as it is now reaches ``rule.confidence`` (:meth:`JudgeModel.predict`; a model without
+    sample consistencies counts the posterior from the judges whose votes are fixed instead).
     """
     if state.next_call(rule) is None:
         return "exhausted"
@@ -433,6 +574,10 @@ def stop_reason(state: PairVotes, rule: StopRule, model: JudgeModel | None = Non
     if lo > 0.0 or hi < 0.0:
         return "settled"
     if model is not None:
+        if model.can_predict(state.judges):
+            if model.predict(state)[1] >= rule.confidence:
+                return "confident"
+            return None
         p = _sigmoid(base + sum(_llr(model, j, v) for j, v in state.settled_votes().items()))
         if max(p, 1.0 - p) >= rule.confidence:
             return "confident"

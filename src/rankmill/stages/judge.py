@@ -14,16 +14,18 @@ go first. A pipeline snippet::
           - {name: small, endpoint: local, samples: 3, temperature: 0.8}
           - {name: small_strict, endpoint: local, prompt: judge_strict, samples: 3}
         calibration_pairs: 64       # every judge labels these fully; accuracies fitted on them
-        confidence: 0.95            # later pairs stop once the leading answer is this sure
+        confidence: 0.99            # later pairs stop once more votes would change nothing
+                                    # with this probability
 
 How it runs, with the stage contract's phases:
 
 - phase 0: a seeded calibration slice of pairs that every judge labels fully;
 - ``aggregate(0)``: Dawid–Skene on the calibration votes gives each judge's sensitivity and
-  specificity (table ``calibration``);
-- phase 1: the other pairs, asked adaptively (:func:`rankmill.ensemble.stop_reason`): a
-  judge stops sampling once its majority is fixed, a pair once its outcome cannot change with
-  the votes left or its posterior passes ``confidence``, or at ``max_votes``;
+  specificity, and its samples' agreement gives its consistency (table ``calibration``);
+- phase 1: the other pairs, asked adaptively (:func:`rankmill.ensemble.stop_reason`), round
+  by round cheapest judge first: a judge stops sampling once its majority is fixed, a pair once
+  its outcome cannot change with the votes left, or once the remaining votes would leave its
+  label unchanged with probability ``confidence``, or at ``max_votes``;
 - ``finalize``: every vote aggregated (``method``), then ``judgments`` (hard and soft label,
   votes, self-consistency, agreement per pair), ``relabels`` (every role change with its
   reason and posterior), ``judge_report`` (estimated accuracy and confusion per judge, and the
@@ -162,7 +164,12 @@ class JudgeParams(StageParams):
         "fitted on them. 0: no calibration, later pairs stop on the plain majority only.",
     )
     confidence: float = Field(
-        0.95, gt=0.5, le=1.0, description="Stop a pair once its leading answer is this sure."
+        0.99,
+        gt=0.5,
+        le=1.0,
+        description="Stop a pair once, under the judge model fitted on the calibration slice, "
+        "asking every remaining sample of every judge would leave its label unchanged with at "
+        "least this probability.",
     )
     max_votes: int | None = Field(None, ge=1, description="Cap on calls per pair (None: none).")
     adaptive: bool = Field(
@@ -544,7 +551,7 @@ class JudgeStage(Stage):
                 for r in v
             ]  # fmt: skip
             agg = aggregate(data, "dawid_skene")
-            model = JudgeModel.from_aggregate(agg)
+            model = JudgeModel.from_aggregate(agg, votes=data)
             rows = model.rows()
             for r in rows:
                 acc = (
@@ -560,6 +567,7 @@ class JudgeStage(Stage):
                 pa.field("sensitivity", pa.float64()),
                 pa.field("specificity", pa.float64()),
                 pa.field("prior", pa.float64()),
+                pa.field("consistency", pa.float64()),
                 pa.field("accuracy", pa.float64()),
             ]
         )
