@@ -210,7 +210,7 @@ def status(
 ) -> None:
     """Show each stage's progress. Exit 0: complete; 1: incomplete; 3: corrupt or unreadable;
     4: (with --strict) a stage rejected more than half of its input."""
-    from rankmill.status import reject_summary, run_status
+    from rankmill.status import JUDGE_KEYS, judge_lines, reject_summary, run_status
 
     try:
         st = run_status(run_dir, verify=verify)
@@ -266,10 +266,19 @@ def status(
                     f"${m.get('cost_usd', 0):.4f}"
                 )
         for s in st["stages"]:
-            if s["extra"]:
+            extra = s["extra"]
+            if s.get("judge"):
+                for line in judge_lines(s["judge"]):
+                    console.print(f"  {escape(s['stage'])}: {escape(line)}", soft_wrap=True)
+                extra = {
+                    k: v
+                    for k, v in extra.items()
+                    if k not in JUDGE_KEYS and not k.startswith("stop:")
+                }
+            if extra:
                 items = ", ".join(
                     f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:,.2f}"
-                    for k, v in sorted(s["extra"].items())
+                    for k, v in sorted(extra.items())
                 )
                 console.print(f"  {escape(s['stage'])}: {escape(items)}")
         for s in st["stages"]:

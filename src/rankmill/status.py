@@ -12,6 +12,10 @@ A stage whose rejects exceed ``reject_share`` (default 0.5) of its input rows is
 with its top reasons: a run that "completed" by rejecting everything is not a success.
 ``verify=True`` also checks every committed file against its record (sha256).
 
+A judge stage's entry also has ``judge`` (:func:`judge_summary`): its votes, the LLM calls it
+asked against full voting and the share adaptive stopping saved, agreement (mean per pair,
+Fleiss' kappa, Krippendorff's alpha) and why its pairs stopped.
+
 Exit codes of ``rankmill status`` (and ``rankmill run``), documented in the README:
 """
 
@@ -135,6 +139,7 @@ def run_status(run_dir: str, verify: bool = False, reject_share: float = 0.5) ->
                 "wall_seconds": wall,
                 "models": models,
                 "extra": other,
+                "judge": judge_summary(other),
             }
         )
     return {
@@ -144,6 +149,64 @@ def run_status(run_dir: str, verify: bool = False, reject_share: float = 0.5) ->
         "corrupt": corrupt,
         "stages": stages,
     }
+
+
+def judge_summary(extra: dict[str, float]) -> dict[str, Any] | None:
+    """What a judge stage's counters say, or None for a stage that is not a judge: its votes,
+    the LLM votes asked against full voting (every LLM judge, every sample, every pair), the
+    calls adaptive stopping saved and their share, agreement (mean per pair, Fleiss' kappa,
+    Krippendorff's alpha; None until the stage has aggregated) and why pairs stopped."""
+    if "llm_calls_full" not in extra or "votes" not in extra:
+        return None
+    full = int(extra["llm_calls_full"])
+    saved = int(extra.get("calls_saved", 0.0))
+    stops = {k.partition(":")[2]: int(v) for k, v in sorted(extra.items()) if k.startswith("stop:")}
+    return {
+        "votes": int(extra["votes"]),
+        "llm_calls": full - saved,
+        "llm_calls_full": full,
+        "calls_saved": saved,
+        "calls_saved_share": round(saved / full, 4) if full else None,
+        "mean_agreement": extra.get("mean_agreement"),
+        "fleiss_kappa": extra.get("fleiss_kappa"),
+        "krippendorff_alpha": extra.get("krippendorff_alpha"),
+        "pairs": sum(stops.values()),
+        "stops": stops,
+        "bad_answers": int(extra.get("bad_answers", 0.0)),
+    }
+
+
+# The judge counters that judge_lines show (``stop:<why>`` too); status prints the rest as is.
+JUDGE_KEYS = frozenset(
+    {"votes", "llm_calls_full", "calls_saved", "calls_saved_share", "mean_agreement",
+     "fleiss_kappa", "krippendorff_alpha", "bad_answers"}
+)  # fmt: skip
+
+
+def judge_lines(judge: dict[str, Any]) -> list[str]:
+    """Two lines for a judge stage: votes and LLM calls asked against full voting; agreement
+    and why pairs stopped."""
+    share = judge["calls_saved_share"]
+    saved = f"{judge['calls_saved']:,} saved" + (f", {share:.0%}" if share is not None else "")
+    calls = (
+        f"{judge['votes']:,} votes on {judge['pairs']:,} pairs; LLM calls "
+        f"{judge['llm_calls']:,} of {judge['llm_calls_full']:,} for full voting ({saved})"
+    )
+    if judge["bad_answers"]:
+        calls += f"; bad answers {judge['bad_answers']:,}"
+    parts = [
+        f"{name} {judge[key]:.2f}"
+        for key, name in (
+            ("mean_agreement", "agreement"),
+            ("fleiss_kappa", "Fleiss' κ"),
+            ("krippendorff_alpha", "Krippendorff's α"),
+        )
+        if judge[key] is not None
+    ]
+    agree = ", ".join(parts) or "agreement not aggregated yet"
+    if judge["stops"]:
+        agree += "; stopped: " + ", ".join(f"{k} {v:,}" for k, v in judge["stops"].items())
+    return [calls, agree]
 
 
 def _step_counters(c: Counters) -> Counters:
