@@ -39,6 +39,7 @@ journal_open_s=… resume_s=… utilization=…``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -69,14 +70,15 @@ def write_collection(root: Path, docs: int, queries: int, seed: int) -> None:
     words drawn from one passage each (its judged positive)."""
     rng = random.Random(seed)
     vocab = [f"w{i:05d}" for i in range(20000)]
-    weights = [1.0 / (i + 10) for i in range(len(vocab))]  # Zipf-like: a few common words
+    # Zipf-like: a few common words (cumulative weights, computed once: same draws as weights)
+    cum = list(itertools.accumulate(1.0 / (i + 10) for i in range(len(vocab))))
     root.mkdir(parents=True, exist_ok=True)
     (root / "qrels").mkdir(exist_ok=True)
     picked = set(rng.sample(range(docs), min(queries, docs)))
     q_lines, qrels = [], ["query-id\tcorpus-id\tscore"]
     with open(root / "corpus.jsonl", "w") as f:
         for d in range(docs):
-            words = rng.choices(vocab, weights=weights, k=rng.randint(30, 60))
+            words = rng.choices(vocab, cum_weights=cum, k=rng.randint(30, 60))
             f.write(json.dumps({"_id": f"d{d}", "title": "", "text": " ".join(words)}) + "\n")
             if d in picked:
                 q = f"q{len(q_lines)}"

@@ -18,6 +18,7 @@ This module is pure (Jinja2 and hashlib only).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ def fence(text: str, label: str = "DOCUMENT") -> Fenced:
     return Fenced(label=label, boundary=boundary, body=neutralise(text, boundary))
 
 
-def render_messages(template_text: str, **variables: Any) -> list[dict[str, str]]:
-    """Render a template's role blocks into chat messages (empty blocks are left out)."""
+@functools.lru_cache(maxsize=64)
+def _compiled(template_text: str) -> tuple[jinja2.Template, tuple[str, ...]]:
+    """A template compiled once per text (compiling costs ~100x rendering), with its role
+    blocks in order."""
     template = _ENV.from_string(template_text)
     names = [b for b in template.blocks if b in ROLES or re.fullmatch(r"(user|assistant)_\d+", b)]
     if not names:
@@ -96,6 +99,12 @@ def render_messages(template_text: str, **variables: Any) -> list[dict[str, str]
             "a prompt template must define at least one of the blocks "
             "{% block system %}, {% block user %}"
         )
+    return template, tuple(names)
+
+
+def render_messages(template_text: str, **variables: Any) -> list[dict[str, str]]:
+    """Render a template's role blocks into chat messages (empty blocks are left out)."""
+    template, names = _compiled(template_text)
     ctx = template.new_context(dict(variables))
     messages = []
     for name in names:

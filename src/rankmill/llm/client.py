@@ -834,7 +834,9 @@ class Gateway:
         t0 = time.monotonic()
         attempts = 0
         waiting = [False]  # this request sleeps before a retry (counted in waiting_retry)
-        options: Any = {"timeout": self.request_timeout(params)}
+        # Our request key as the client's idempotency key: the same for every retry of this
+        # request, and no random key drawn per request.
+        options: Any = {"timeout": self.request_timeout(params), "idempotency_key": key}
 
         async def attempt() -> dict[str, Any]:
             nonlocal attempts
