@@ -366,9 +366,7 @@ def main() -> None:
         write_collection(data, args.docs, args.queries, seed=7)
         rows.append(("collection written", f"{time.perf_counter() - t0:.1f} s"))
         fast = spawn_server(cwd=str(REPO), latency_s=args.latency, answer_mode="yesno")
-        slow = spawn_server(
-            cwd=str(REPO), latency_s=args.util_latency, answer_mode="yesno", record_arrivals=False
-        )
+        slow = spawn_server(cwd=str(REPO), latency_s=args.util_latency, answer_mode="yesno")
         try:
             yaml = work / "scale.yaml"
             yaml.write_text(pipeline_yaml(data, fast.base_url, args.concurrency, args))
@@ -444,14 +442,24 @@ def main() -> None:
                 ],
                 work,
             )
-            u_calls = sum(slow.stats()["completed"].values())
+            u_stats = slow.stats()
+            u_calls = sum(u_stats["completed"].values())
             u_s = stage_wall(run_dir, "label")
             limit = args.util_concurrency / args.util_latency
             utilization = u_calls / u_s / limit
+            last = json.loads((run_dir / "stages" / "label" / "last_run.json").read_text())
+            start = last["finished_at"] - last["wall_seconds"]
+            arrivals = sorted(t for t, _ in u_stats["arrivals"])
+            first = arrivals[0] - start
+            # steady state: requests sent between the first and the last full latency period
+            lo, hi = arrivals[0] + 2 * args.util_latency, arrivals[-1] - args.util_latency
+            steady = sum(1 for t in arrivals if lo <= t < hi) / max(1e-9, hi - lo)
             rows.append(
                 (
                     "label, 1 s latency",
-                    f"{u_calls} calls in {u_s:.1f} s: {u_calls / u_s:.1f}/s of {limit:.0f}/s",
+                    f"{u_calls} calls in {u_s:.1f} s: {u_calls / u_s:.1f}/s of {limit:.0f}/s; "
+                    f"first request {first:.1f} s after the stage started (Ray start, actors, "
+                    f"planning), then {steady:.1f}/s sent in steady state",
                 )
             )
         finally:

@@ -27,6 +27,7 @@ connects to an existing cluster instead, whose nodes must share the run director
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -443,7 +444,11 @@ class Runner:
         upstream_fps = {s: p.fingerprint for s, p in up_plans.items()}
         ctx = self._context(rs, upstream_fps)
         stage = rs.cls(rs.params, ctx)
-        units = self._plan_units(rs, stage, up_plans)
+        # Ray takes seconds to start (once per run): start it while the stage plans.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankmill-plan") as ex:
+            planning = ex.submit(self._plan_units, rs, stage, up_plans)
+            self._ray()
+            units = planning.result()
         ids = [u.unit_id for u in units]
         if len(set(ids)) != len(ids):
             raise StageError(f"stage {name!r} planned duplicate unit ids")
