@@ -857,15 +857,21 @@ def build_pairs(
     needed = {r["doc_id"] for r in out}
     doc_title: dict[str, str | None] = {}
     doc_text: dict[str, str] = {}
+    # Only the documents the pairs name become Python objects (not the whole corpus).
+    import pyarrow.compute as pc
+
+    wanted = corpus.filter(
+        pc.is_in(corpus.column("doc_id"), value_set=pa.array(sorted(needed), pa.string()))
+    )
     titles = (
-        corpus.column("title").to_pylist()
-        if "title" in corpus.column_names
-        else [None] * corpus.num_rows
+        wanted.column("title").to_pylist()
+        if "title" in wanted.column_names
+        else [None] * wanted.num_rows
     )
     for d, t, x in zip(
-        corpus.column("doc_id").to_pylist(),
+        wanted.column("doc_id").to_pylist(),
         titles,
-        corpus.column("text").to_pylist(),
+        wanted.column("text").to_pylist(),
         strict=True,
     ):
         if d in needed and d not in doc_text:
