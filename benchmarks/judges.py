@@ -181,11 +181,11 @@ def real(queries: int, calibration: int, run_dir: str) -> dict:
         f.write("query-id\tcorpus-id\tscore\n")
         for q in qids:
             f.write(f"{q}\t{pos[q]}\t1\n")
-    llm = {"endpoint": "local", "temperature": 0.7, "max_tokens": 24}
+    llm = {"endpoint": "local", "temperature": 0.7}
     raw = {
         "run": {"name": "judges-bench", "seed": 13},
         "endpoints": {"local": {"local": True, "model": "smollm2-135m", "n_ctx": 2048,
-                                "max_concurrency": 1, "timeout_s": 300}},
+                                "max_concurrency": 4, "timeout_s": 300}},
         "stages": {
             "ingest": {"source": str(src)},
             "mine": {"num_negatives": 4},
@@ -195,7 +195,7 @@ def real(queries: int, calibration: int, run_dir: str) -> dict:
                 "rows_per_unit": 32,
                 "judges": [
                     {"name": "minilm", "kind": "bi_encoder", "threshold": 0.5},
-                    {"name": "smollm", **llm},
+                    {"name": "smollm", "samples": 3, **llm},
                     {"name": "smollm_strict", "prompt": "judge_strict", **llm},
                     {"name": "smollm_seed", "seed": 1, **llm},
                 ],
@@ -231,7 +231,7 @@ def real(queries: int, calibration: int, run_dir: str) -> dict:
     labelled = [j for j in judgments if j["label"] is not None]
     acc_ds = float(np.mean([int(j["label"]) == truth[task_id(j["query_id"], j["doc_id"])]
                             for j in labelled]))  # fmt: skip
-    llm_judges = 3
+    full_per_pair = 3 + 1 + 1  # LLM calls per pair when every judge is asked every sample
     llm_calls = sum(1 for v in votes if v["kind"] == "llm")
     before = rd.read_table("mine", "negatives").to_pylist()
     after = rd.read_table("judge", "negatives").to_pylist()
@@ -252,7 +252,8 @@ def real(queries: int, calibration: int, run_dir: str) -> dict:
         "acc_majority": acc_mv,
         "acc_ds": acc_ds,
         "llm_calls_per_pair": llm_calls / max(1, len(judgments)),
-        "calls_saved": 1.0 - llm_calls / max(1, llm_judges * len(judgments)),
+        "calls_saved": 1.0 - llm_calls / max(1, full_per_pair * len(judgments)),
+        "full_per_pair": full_per_pair,
         "fn_before": fb / max(1, nb),
         "fn_after": fa / max(1, na),
         "negatives_kept": na / max(1, nb),
@@ -308,7 +309,8 @@ def main() -> None:
                 f"{'; '.join(row['warnings']) or 'no warning'}"
             )
         print(
-            f"  LLM calls per pair {r['llm_calls_per_pair']:.2f} (full voting 3), saved "
+            f"  LLM calls per pair {r['llm_calls_per_pair']:.2f} (full voting "
+            f"{r['full_per_pair']}), saved "
             f"{r['calls_saved']:.3f}; false negatives among {r['negatives_before']} mined "
             f"negatives {r['fn_before']:.3f} before relabeling, {r['fn_after']:.3f} after, "
             f"{r['negatives_kept']:.3f} of negatives kept"

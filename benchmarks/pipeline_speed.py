@@ -14,7 +14,8 @@ Everything rankmill does here goes through ``rankmill run`` on fresh run directo
 2. The same stage with ``retrievers: [bm25]`` (no dense model at all).
 3. A label stage of about 10,000 calls (the BM25 pools of cranfield's 225 queries) against
    the fake OpenAI server at near-zero latency, then the same stage re-planned with
-   ``rows_per_unit`` 32 instead of 64 (every answer is in the journal, no call is sent). CPU
+   ``rows_per_unit`` 32 instead of 64 after its committed units are removed (every answer is
+   in the run's journal, no call is sent). CPU
    is the CPU time of the CLI and every process it started (Ray included), per call.
 
 Last line: ``summary: stage_time_ratio=… embed_docs_per_s=… st_embed_docs_per_s=…
@@ -27,6 +28,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,7 +128,7 @@ def pipeline(data: Path, mine: dict, label: dict | None = None, base_url: str = 
     if label is not None:
         cfg["endpoints"] = {"fake": {"base_url": base_url, "model": "fake", "max_concurrency": 64}}
         cfg["stages"]["label"] = label
-    return yaml.safe_dump(cfg)
+    return yaml.safe_dump(cfg, sort_keys=False)  # stages run in the order they are listed
 
 
 # -- sentence-transformers, in its own process -------------------------------------------------
@@ -243,6 +245,10 @@ def main() -> None:
             label_cli, cpu_s = rankmill(["run", str(p), "--run-dir", str(run)], cpu=True)
             label_s = stage_wall(run, "label")
             calls = sum(int(v) for v in srv.stats()["completed"].values())
+            # The unit size changes no output (it is not fingerprinted): a complete stage would
+            # be skipped. Its committed units are removed, so it is planned again into other
+            # units; every answer is still in the run's LLM journal.
+            shutil.rmtree(run / "stages" / "label")
             replan_cli, _ = rankmill(
                 ["run", str(p), "--run-dir", str(run), "--set", "stages.label.rows_per_unit=32"]
             )
