@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,27 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+_MODELS: dict[tuple[str, str, int | None], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _load_model(path: str, device: str, max_seq_length: int | None) -> Any:
+    """A SentenceTransformer loaded once per process (an actor's prepare step and its units
+    share it; encoding does not change it)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    key = (path, device, max_seq_length)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(path, device=device)
+            if max_seq_length:
+                model.max_seq_length = max_seq_length
+            _MODELS[key] = model
+        return model
+
+
 class DenseEncoder:
     """A SentenceTransformer with fixed prompts, returning L2-normalised float32 arrays."""
 
@@ -80,15 +102,10 @@ class DenseEncoder:
         device: str = "auto",
         max_seq_length: int | None = None,
     ):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sentence_transformers import SentenceTransformer
-
         self.name = model
         self.path = resolve_model(model)
         self.device = pick_device(device)
-        self.model = SentenceTransformer(self.path, device=self.device)
-        if max_seq_length:
-            self.model.max_seq_length = max_seq_length
+        self.model = _load_model(self.path, self.device, max_seq_length)
         self.query_prompt, self.document_prompt = query_prompt, document_prompt
         self.query_prompt_name, self.document_prompt_name = query_prompt_name, document_prompt_name
         self.batch_size = batch_size
