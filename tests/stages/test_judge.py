@@ -182,3 +182,58 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
         # A re-run asks nothing: every unit and step is committed.
         assert Runner(validate_pipeline(raw), str(run_dir)).run().units_run == 0
         assert sum(srv.stats()["completed"].values()) == sent
+
+
+def test_judges_below_min_kappa_change_no_role(tmp_path, ray_session):
+    """Judged pairs (positives and negatives): the same votes relabel roles when trusted, and
+    change nothing, recording what they would have changed, when their agreement is below
+    min_kappa."""
+    from rankmill.manifest import RunDir
+    from rankmill.pipeline import validate_pipeline
+    from rankmill.runner import Runner
+    from rankmill.status import run_status
+    from tests.fixtures.openai_server import FakeOpenAIServer
+
+    with FakeOpenAIServer(answer_mode="yesno") as srv:
+        raw = {
+            "run": {"name": "judge-held", "seed": 7},
+            "endpoints": {"fake": {"base_url": srv.base_url, "model": "fake-judge",
+                                   "max_concurrency": 4}},
+            "stages": {
+                "source": {"uses": "tests.fixtures.pairs:PairsSource"},
+                "judge": {
+                    "pairs_from": "qrels",
+                    "calibration_pairs": 4,
+                    "min_kappa": None,
+                    "judges": [
+                        {"name": "minilm", "kind": "bi_encoder", "threshold": 0.3},
+                        {"name": "a", "endpoint": "fake", "answer_format": "word"},
+                        {"name": "b", "endpoint": "fake", "prompt": "judge_strict",
+                         "answer_format": "word"},
+                    ],
+                },
+            },
+        }  # fmt: skip
+        results = {}
+        for name, min_kappa in (("trusted", None), ("held", 1.0)):
+            raw["stages"]["judge"]["min_kappa"] = min_kappa
+            Runner(validate_pipeline(raw), str(tmp_path / name)).run()
+            rd = RunDir(str(tmp_path / name))
+            results[name] = (
+                rd.read_table("judge", "judgments").to_pylist(),
+                rd.read_table("judge", "relabels").to_pylist(),
+            )
+        judgments, relabels = results["trusted"]
+        changed = [j for j in judgments if j["new_role"] != j["role"]]
+        assert changed and len(relabels) == len(changed)
+        held, held_relabels = results["held"]
+        assert {(j["query_id"], j["doc_id"], j["label"]) for j in held} == {
+            (j["query_id"], j["doc_id"], j["label"]) for j in judgments
+        }
+        assert all(j["new_role"] == j["role"] and j["status"] == "kept" for j in held)
+        assert sorted((r["query_id"], r["doc_id"], r["reason"]) for r in held_relabels) == sorted(
+            (j["query_id"], j["doc_id"], f"held:{j['reason']}") for j in changed
+        )
+        assert all(r["to_role"] == r["from_role"] for r in held_relabels)
+        st = next(s for s in run_status(str(tmp_path / "held"))["stages"] if s["stage"] == "judge")
+        assert st["extra"]["relabeling_held"] == 1

@@ -30,7 +30,9 @@ How it runs, with the stage contract's phases:
   votes, self-consistency, agreement per pair), ``relabels`` (every role change with its
   reason and posterior), ``judge_report`` (estimated accuracy and confusion per judge, and the
   warnings), ``agreement`` (Cohen's κ per judge pair), and — when the input had mined
-  negatives — relabeled ``negatives`` that later stages read instead of ``mine``'s.
+  negatives — relabeled ``negatives`` that later stages read instead of ``mine``'s. Judges
+  that agree less than ``min_kappa`` (Fleiss' κ) change no role and reject no pair: what they
+  would have changed goes to ``relabels`` as ``held:<reason>``.
 
 Every LLM call goes through the gateway (journaled: a re-run never pays twice). A bad answer
 is a ``votes`` row with a null verdict and its reason, and counts as no vote.
@@ -39,6 +41,7 @@ is a ``votes`` row with a null verdict and its reason, and counts as no vote.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -185,6 +188,15 @@ class JudgeParams(StageParams):
     )
     min_confidence: float | None = Field(
         None, ge=0.5, le=1.0, description="Reject pairs whose leading posterior is below this."
+    )
+    min_kappa: float | None = Field(
+        0.2,
+        ge=-1.0,
+        le=1.0,
+        description="Change roles only when the judges agree beyond chance: Fleiss' kappa over "
+        "every judge vote at least this (0.2: 'fair' agreement). Below it the ensemble is not "
+        "trusted: every pair keeps its role and no pair is rejected, and each change it would "
+        "have made is a relabels row with reason 'held:<reason>'. None: always relabel.",
     )
     min_agreement: float | None = Field(
         None, ge=0.0, le=1.0, description="Reject pairs whose judges agree less than this."
@@ -639,6 +651,44 @@ class JudgeStage(Stage):
             task_id(x.query_id, x.doc_id): x
             for x in relabel(pairs_in, p.negatives_relevant, p.min_confidence, p.min_agreement)
         }
+        fk = fleiss_kappa(data) if len(data) else float("nan")
+        held = p.min_kappa is not None and math.isfinite(fk) and fk < p.min_kappa
+        held_rows: list[dict[str, Any]] = []
+        if held:
+            # The judges agree no better than chance: their labels are kept as judgments, but
+            # nothing changes because of them; each change they would have made is recorded.
+            log.warning(
+                "judge %s: the judges agree no better than chance (Fleiss' kappa %.2f < "
+                "min_kappa %.2f): every pair keeps its role; see relabels for what the "
+                "ensemble would have changed",
+                self.ctx.stage_name,
+                fk,
+                p.min_kappa,
+            )
+            counters.extra["relabeling_held"] = 1.0
+            tscore = {task_id(r["query_id"], r["doc_id"]): r.get("teacher_score") for r in pairs_in}
+            for t, dec in list(decisions.items()):
+                if dec.new_role != dec.role or dec.rejected or dec.teacher_dropped:
+                    held_rows.append(
+                        {
+                            "query_id": dec.query_id,
+                            "doc_id": dec.doc_id,
+                            "from_role": dec.role,
+                            "to_role": dec.role,
+                            "relevant": None,
+                            "reason": f"held:{dec.reason or 'teacher_disagrees'}",
+                            "posterior": dec.posterior,
+                            "teacher_score": None,
+                        }
+                    )
+                decisions[t] = dataclasses.replace(
+                    dec,
+                    new_role=dec.role,
+                    reason=None,
+                    rejected=False,
+                    teacher_dropped=False,
+                    teacher_score=tscore.get(t),
+                )
         judgments, relabels, rejects = [], [], []
         for row in pairs_in:
             t = task_id(row["query_id"], row["doc_id"])
@@ -702,6 +752,10 @@ class JudgeStage(Stage):
                 )
                 counters.extra[f"relabel:{why}"] = counters.extra.get(f"relabel:{why}", 0.0) + 1
 
+        relabels.extend(held_rows)
+        for r in held_rows:
+            counters.extra[r["reason"]] = counters.extra.get(r["reason"], 0.0) + 1
+
         # Judges: estimated accuracy and confusion, self-consistency, warnings; agreement.
         kappas = cohen_kappas(data) if len(data) else pd.DataFrame()
         report = []
@@ -735,7 +789,6 @@ class JudgeStage(Stage):
         for w in warns:
             log.warning("judge %s: %s", self.ctx.stage_name, w["message"])
         counters.extra["warnings"] = float(len(warns))
-        fk = fleiss_kappa(data) if len(data) else float("nan")
         ka = krippendorff_alpha(data) if len(data) else float("nan")
         if math.isfinite(fk):
             counters.extra["fleiss_kappa"] = round(fk, 4)
