@@ -316,6 +316,17 @@ def test_relabel_decisions_carry_reason_and_posterior():
     dropped = {x.doc_id: x for x in relabel(rows, "drop", min_agreement=0.6)}
     assert dropped["n1"].new_role == "dropped"
     assert dropped["n3"].reason == "low_agreement"
+    # held: nothing changes, nothing is rejected, teacher scores stay; the reason is kept
+    held = {x.doc_id: x for x in relabel(rows, "positive", min_confidence=0.6, hold=True)}
+    assert all(x.new_role == x.role and not x.rejected and x.reason is None for x in held.values())
+    assert {k: x.held for k, x in held.items()} == {
+        "n1": "negative_judged_relevant",
+        "p1": "positive_judged_irrelevant",
+        "n2": "teacher_disagrees",
+        "n3": "low_confidence",
+    }
+    assert held["n2"].teacher_score == 7.0 and not held["n2"].teacher_dropped
+    assert held["n1"].teacher_score == 8.0
 
 
 # -- simulation -----------------------------------------------------------------------------------

@@ -696,6 +696,7 @@ class Decision:
     teacher_score: float | None  # kept as a distillation target, else None
     teacher_dropped: bool = False  # a teacher score existed but disagreed with the ensemble
     rejected: bool = False  # the filter rejected it (low confidence or agreement)
+    held: str | None = None  # ``hold``: the reason of the change not made (role kept)
 
 
 def relabel(
@@ -703,6 +704,7 @@ def relabel(
     negatives_relevant: Literal["positive", "drop"] = "positive",
     min_confidence: float | None = None,
     min_agreement: float | None = None,
+    hold: bool = False,
 ) -> list[Decision]:
     """Decide each pair's fate from its aggregate.
 
@@ -711,7 +713,9 @@ def relabel(
     ``min_confidence`` or an agreement below ``min_agreement`` are rejected (their reason says
     which). A negative labelled relevant becomes a positive (``negatives_relevant="positive"``)
     or is dropped; a positive labelled irrelevant is dropped. A teacher score is kept only
-    where the teacher's verdict equals the ensemble's label.
+    where the teacher's verdict equals the ensemble's label. With ``hold`` (an ensemble not
+    to be trusted) nothing changes: every pair keeps its role and its teacher score, none is
+    rejected, and ``held`` names the change that was not made.
     """
     out = []
     for p in pairs:
@@ -741,6 +745,11 @@ def relabel(
                 keep_teacher = float(teacher)
             else:
                 dropped = True
+        held = None
+        if hold and (new_role != role or rejected or dropped):
+            held = reason or "teacher_disagrees"
+            reason, new_role, rejected, dropped = None, role, False, False
+            keep_teacher = None if teacher is None else float(teacher)
         out.append(
             Decision(
                 query_id=str(p["query_id"]),
@@ -752,6 +761,7 @@ def relabel(
                 teacher_score=keep_teacher,
                 teacher_dropped=dropped,
                 rejected=rejected,
+                held=held,
             )
         )
     return out

@@ -41,7 +41,6 @@ is a ``votes`` row with a null verdict and its reason, and counts as no vote.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import math
@@ -647,13 +646,8 @@ class JudgeStage(Stage):
             if t in teacher:
                 row["teacher_verdict"], row["teacher_score"] = teacher[t]
             pairs_in.append(row)
-        decisions = {
-            task_id(x.query_id, x.doc_id): x
-            for x in relabel(pairs_in, p.negatives_relevant, p.min_confidence, p.min_agreement)
-        }
         fk = fleiss_kappa(data) if len(data) else float("nan")
         held = p.min_kappa is not None and math.isfinite(fk) and fk < p.min_kappa
-        held_rows: list[dict[str, Any]] = []
         if held:
             # The judges agree no better than chance: their labels are kept as judgments, but
             # nothing changes because of them; each change they would have made is recorded.
@@ -666,29 +660,12 @@ class JudgeStage(Stage):
                 p.min_kappa,
             )
             counters.extra["relabeling_held"] = 1.0
-            tscore = {task_id(r["query_id"], r["doc_id"]): r.get("teacher_score") for r in pairs_in}
-            for t, dec in list(decisions.items()):
-                if dec.new_role != dec.role or dec.rejected or dec.teacher_dropped:
-                    held_rows.append(
-                        {
-                            "query_id": dec.query_id,
-                            "doc_id": dec.doc_id,
-                            "from_role": dec.role,
-                            "to_role": dec.role,
-                            "relevant": None,
-                            "reason": f"held:{dec.reason or 'teacher_disagrees'}",
-                            "posterior": dec.posterior,
-                            "teacher_score": None,
-                        }
-                    )
-                decisions[t] = dataclasses.replace(
-                    dec,
-                    new_role=dec.role,
-                    reason=None,
-                    rejected=False,
-                    teacher_dropped=False,
-                    teacher_score=tscore.get(t),
-                )
+        decisions = {
+            task_id(x.query_id, x.doc_id): x
+            for x in relabel(
+                pairs_in, p.negatives_relevant, p.min_confidence, p.min_agreement, hold=held
+            )
+        }
         judgments, relabels, rejects = [], [], []
         for row in pairs_in:
             t = task_id(row["query_id"], row["doc_id"])
@@ -737,6 +714,8 @@ class JudgeStage(Stage):
                 changes.append((dec.role, dec.new_role, dec.reason))
             if dec.teacher_dropped:
                 changes.append((dec.role, dec.role, "teacher_disagrees"))
+            if dec.held:
+                changes.append((dec.role, dec.role, f"held:{dec.held}"))
             for from_role, to_role, why in changes:
                 relabels.append(
                     {
@@ -751,10 +730,6 @@ class JudgeStage(Stage):
                     }
                 )
                 counters.extra[f"relabel:{why}"] = counters.extra.get(f"relabel:{why}", 0.0) + 1
-
-        relabels.extend(held_rows)
-        for r in held_rows:
-            counters.extra[r["reason"]] = counters.extra.get(r["reason"], 0.0) + 1
 
         # Judges: estimated accuracy and confusion, self-consistency, warnings; agreement.
         kappas = cohen_kappas(data) if len(data) else pd.DataFrame()
