@@ -326,7 +326,7 @@ class JudgeModel:
         right = wrong = 0.0  # P(the majority repeats / contradicts the belief)
         n = spec.samples
         for k in range(n + 1):  # k samples repeat the belief
-            pk = math.comb(n, k) * c**k * (1.0 - c) ** (n - k)
+            pk = _binom_pmf(n, k, c)
             if 2 * k > n:
                 right += pk
             elif 2 * k < n:
@@ -356,7 +356,7 @@ class JudgeModel:
         for spec in state.judges:
             yes, no, left = state._counts(spec)
             left = max(0, left)
-            now += self.llr(spec.name, None if yes == no else int(yes > no))
+            now += self.llr(spec.name, _majority(yes, no))
             se_b, sp_b, c = self._belief_model(spec)
             # P(samples so far | belief), and the judge's final vote given its belief
             obs = {b: (c if b else 1 - c) ** yes * (1 - c if b else c) ** no for b in (1, 0)}
@@ -364,10 +364,8 @@ class JudgeModel:
             for b in (1, 0):
                 p_yes = c if b else 1.0 - c
                 for k in range(left + 1):  # k more yes among the samples left
-                    pk = math.comb(left, k) * p_yes**k * (1.0 - p_yes) ** (left - k)
-                    y, n = yes + k, no + left - k
-                    v = None if y == n else int(y > n)
-                    ends[b][v] = ends[b].get(v, 0.0) + pk
+                    v = _majority(yes + k, no + left - k)
+                    ends[b][v] = ends[b].get(v, 0.0) + _binom_pmf(left, k, p_yes)
             for t in (1, 0):
                 pb1 = se_b if t else 1.0 - sp_b  # P(belief yes | t)
                 w = {1: pb1 * obs[1], 0: (1.0 - pb1) * obs[0]}
@@ -444,6 +442,15 @@ def sample_consistency(votes: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dic
     return out
 
 
+def _majority(yes: int, no: int) -> int | None:
+    """A judge's vote from its valid samples: 1 or 0 by majority, None on a tie."""
+    return None if yes == no else int(yes > no)
+
+
+def _binom_pmf(n: int, k: int, p: float) -> float:
+    return math.comb(n, k) * p**k * (1.0 - p) ** (n - k)
+
+
 def _sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -502,8 +509,7 @@ class PairVotes:
         """(the judge's vote so far: majority of valid samples, None on a tie; whether it is
         fixed, i.e. no remaining sample can change it)."""
         yes, no, left = self._counts(spec)
-        vote = None if yes == no else int(yes > no)
-        return vote, (left <= 0 or abs(yes - no) > left)
+        return _majority(yes, no), (left <= 0 or abs(yes - no) > left)
 
     def outcomes(self, spec: JudgeSpec) -> set[int | None]:
         """The judge votes still possible once all its samples are in (bad answers may leave
