@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
@@ -858,8 +859,6 @@ def build_pairs(
     doc_title: dict[str, str | None] = {}
     doc_text: dict[str, str] = {}
     # Only the documents the pairs name become Python objects (not the whole corpus).
-    import pyarrow.compute as pc
-
     wanted = corpus.filter(
         pc.is_in(corpus.column("doc_id"), value_set=pa.array(sorted(needed), pa.string()))
     )
@@ -874,7 +873,7 @@ def build_pairs(
         wanted.column("text").to_pylist(),
         strict=True,
     ):
-        if d in needed and d not in doc_text:
+        if d not in doc_text:  # the first row of a repeated doc_id
             doc_title[d], doc_text[d] = t, x
     for r in out:
         r["query_text"] = query_text.get(r["query_id"])
