@@ -250,7 +250,7 @@ def main() -> None:
             rankmill(["run", str(p), "--run-dir", str(run), "--until", "mine"])
             label_cli, cpu_s = rankmill(["run", str(p), "--run-dir", str(run)], cpu=True)
             label_s = stage_wall(run, "label")
-            calls = sum(int(v) for v in srv.stats()["completed"].values())
+            calls = srv.completed()
             # The unit size changes no output (it is not fingerprinted): a complete stage would
             # be skipped. Its committed units are removed, so it is planned again into other
             # units; every answer is still in the run's LLM journal.
@@ -259,7 +259,7 @@ def main() -> None:
                 ["run", str(p), "--run-dir", str(run), "--set", "stages.label.rows_per_unit=32"]
             )
             replan_s = stage_wall(run, "label")
-            after = sum(int(v) for v in srv.stats()["completed"].values())
+            after = srv.completed()
 
     print(f"\n  {'what':<52}{'seconds':>10}{'CLI wall':>10}")
     rows = [

@@ -198,10 +198,6 @@ def run_cli(args: list[str], cwd: Path, kill_when: Any = None) -> tuple[float, W
     return wall, watch, killed, text
 
 
-def completed(srv: Any) -> int:
-    return sum(srv.stats()["completed"].values())
-
-
 def stage_wall(run_dir: Path, stage: str) -> float:
     return float(
         json.loads((run_dir / "stages" / stage / "last_run.json").read_text())["wall_seconds"]
@@ -386,9 +382,9 @@ def main() -> None:
             # label, killed once mid-stage, then resumed
             calls = args.queries * args.docs_per_query  # an upper bound: pools may be shorter
             wall_k, w, killed, _ = run_cli(
-                base, work, kill_when=lambda: completed(fast) >= args.kill_at * calls
+                base, work, kill_when=lambda: fast.completed() >= args.kill_at * calls
             )
-            at_kill = completed(fast)
+            at_kill = fast.completed()
             time.sleep(1.0)
             resume_s, w2, _, _ = run_cli(base, work)
             labels, rejects = label_rows(run_dir)
@@ -411,7 +407,7 @@ def main() -> None:
             # a clean label run: CPU per call
             fast.reset()
             wall, w, _, _ = run_cli([*base, "--set", "stages.label.temperature=0.3"], work)
-            n_calls = sum(fast.stats()["completed"].values())
+            n_calls = fast.completed()
             cpu = w.cpu_by_kind()
             cpu_ms = 1000 * cpu.get("worker", 0.0) / max(1, n_calls)
             driver_cpu_ms = 1000 * cpu.get("driver", 0.0) / max(1, n_calls)

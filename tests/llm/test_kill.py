@@ -27,10 +27,6 @@ stages:
 """
 
 
-def _completed(srv) -> int:
-    return sum(srv.stats()["completed"].values())
-
-
 @pytest.mark.slow
 def test_sigkill_mid_stage_repeats_only_in_flight_requests(tmp_path, repo):
     with spawn_server(cwd=str(repo), latency_s=0.25) as srv:
@@ -41,7 +37,7 @@ def test_sigkill_mid_stage_repeats_only_in_flight_requests(tmp_path, repo):
 
         proc = spawn(args, repo)  # its own process group: the kill takes its Ray workers too
         t0 = time.time()
-        while _completed(srv) < 150:
+        while srv.completed() < 150:
             if proc.poll() is not None:
                 out = proc.stdout.read().decode() if proc.stdout else ""
                 pytest.fail(f"the run ended before the kill point:\n{out}")
@@ -52,10 +48,10 @@ def test_sigkill_mid_stage_repeats_only_in_flight_requests(tmp_path, repo):
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Ray worker making the calls
         proc.wait()
         time.sleep(1.5)
-        at_kill = _completed(srv)
+        at_kill = srv.completed()
         assert at_kill < N_ROWS, "the kill came too late to test anything"
         time.sleep(1.0)
-        assert _completed(srv) == at_kill, "something still calls the server after the kill"
+        assert srv.completed() == at_kill, "something still calls the server after the kill"
 
         finish(args, repo, timeout=600)
 

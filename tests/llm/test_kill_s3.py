@@ -29,10 +29,6 @@ stages:
 """
 
 
-def _completed(srv) -> int:
-    return sum(srv.stats()["completed"].values())
-
-
 @pytest.mark.slow
 def test_sigkill_with_the_run_dir_on_s3(tmp_path, repo, monkeypatch):
     with LocalS3() as s3, spawn_server(cwd=str(repo), latency_s=0.25) as srv:
@@ -46,7 +42,7 @@ def test_sigkill_with_the_run_dir_on_s3(tmp_path, repo, monkeypatch):
 
         proc = spawn(args, repo)
         t0 = time.time()
-        while _completed(srv) < 120:
+        while srv.completed() < 120:
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before the kill point:\n{proc.stdout.read().decode()}")
             if time.time() - t0 > 300:
@@ -56,7 +52,7 @@ def test_sigkill_with_the_run_dir_on_s3(tmp_path, repo, monkeypatch):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         time.sleep(1.5)
-        assert _completed(srv) < N_ROWS, "the kill came too late to test anything"
+        assert srv.completed() < N_ROWS, "the kill came too late to test anything"
 
         # Resume; on object storage the killed run's lock is a lease that has to go stale.
         deadline = time.time() + 240

@@ -116,7 +116,7 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
         rd = RunDir(str(run_dir))
         votes = rd.read_table("judge", "votes").to_pylist()
         judgments = rd.read_table("judge", "judgments").to_pylist()
-        sent = sum(srv.stats()["completed"].values())
+        sent = srv.completed()
 
         corpus = {d["doc_id"]: d for d in rd.read_table("source", "corpus").to_pylist()}
         queries = {q["query_id"]: q["text"] for q in rd.read_table("source", "queries").to_pylist()}
@@ -181,7 +181,7 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
 
         # A re-run asks nothing: every unit and step is committed.
         assert Runner(validate_pipeline(raw), str(run_dir)).run().units_run == 0
-        assert sum(srv.stats()["completed"].values()) == sent
+        assert srv.completed() == sent
 
 
 def test_judges_below_min_kappa_change_no_role(tmp_path, ray_session):

@@ -41,7 +41,7 @@ def test_status_shows_the_judge_votes_calls_saved_and_agreement(tmp_path, repo, 
         }  # fmt: skip
         run_dir = tmp_path / "run"
         Runner(validate_pipeline(raw), str(run_dir)).run()
-        sent = sum(srv.stats()["completed"].values())
+        sent = srv.completed()
 
     rd = RunDir(str(run_dir))
     votes = rd.read_table("judge", "votes").to_pylist()

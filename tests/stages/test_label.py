@@ -369,7 +369,7 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
         c = _counters(rd, "label")
         assert c.llm_calls == 34 and c.llm_cached == 0 and c.prompt_tokens > 0
         assert c.rejects == {"unknown_doc_id": 1} and c.rows_out == 34
-        sent = sum(srv.stats()["completed"].values())
+        sent = srv.completed()
         assert sent == 34
 
         # Another unit size changes no output: the complete stage is not run again.
@@ -380,7 +380,7 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
         # all answered by the journal.
         shutil.rmtree(run_dir / "stages" / "label" / "units")
         Runner(validate_pipeline(raw), str(run_dir)).run()
-        assert sum(srv.stats()["completed"].values()) == sent
+        assert srv.completed() == sent
         again = rd.read_table("label", "labels").to_pylist()
         assert len(again) == 34 and all(r["cached"] for r in again)
         assert sorted(r["request_key"] for r in again) == sorted(r["request_key"] for r in labels)
@@ -452,7 +452,7 @@ def test_resampling_after_a_bad_answer_and_labels_from_qrels(tmp_path, ray_sessi
         )
         _, rd, labels, rejects = _run(raw, tmp_path / "run")
         assert len(rejects) == 0
-        assert sum(srv.stats()["completed"].values()) == 7  # 6 judged pairs + 1 resample
+        assert srv.completed() == 7  # 6 judged pairs + 1 resample
     assert len(labels) == 6 and {r["pair_source"] for r in labels} == {"qrels"}
     assert sorted(r["attempt"] for r in labels) == [0, 0, 0, 0, 0, 1]
     assert {r["qrel_score"] for r in labels} == {0, 2} and {r["rank"] for r in labels} == {None}
