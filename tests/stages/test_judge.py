@@ -13,6 +13,7 @@ from rankmill.stages.judge import (
     build_judge_pairs,
     relabeled_negatives,
 )
+from tests.fixtures.pairs import JUDGES, judge_pipeline
 
 
 def _corpus() -> pa.Table:
@@ -91,26 +92,9 @@ def test_judge_stage_calibrates_then_stops_early(tmp_path, ray_session):
     from tests.fixtures.openai_server import FakeOpenAIServer, expected_yesno
 
     with FakeOpenAIServer(answer_mode="yesno") as srv:
-        raw = {
-            "run": {"name": "judge-test", "seed": 7},
-            "endpoints": {"fake": {"base_url": srv.base_url, "model": "fake-judge",
-                                   "max_concurrency": 4}},
-            "stages": {
-                "source": {"uses": "tests.fixtures.pairs:PairsSource", "pool_size": 3},
-                "judge": {
-                    "pairs_from": "candidates",
-                    "calibration_pairs": 6,
-                    "rows_per_unit": 4,
-                    "judges": [
-                        {"name": "minilm", "kind": "bi_encoder", "threshold": 0.3},
-                        {"name": "a", "endpoint": "fake", "samples": 3,
-                         "answer_format": "word"},
-                        {"name": "b", "endpoint": "fake", "prompt": "judge_strict",
-                         "answer_format": "word", "seed": 5},
-                    ],
-                },
-            },
-        }  # fmt: skip
+        judge = {"pairs_from": "candidates", "calibration_pairs": 6, "rows_per_unit": 4,
+                 "judges": JUDGES}  # fmt: skip
+        raw = judge_pipeline(srv.base_url, "judge-test", 7, judge, source={"pool_size": 3})
         run_dir = tmp_path / "run"
         Runner(validate_pipeline(raw), str(run_dir)).run()
         rd = RunDir(str(run_dir))
@@ -195,25 +179,14 @@ def test_judges_below_min_kappa_change_no_role(tmp_path, ray_session):
     from tests.fixtures.openai_server import FakeOpenAIServer
 
     with FakeOpenAIServer(answer_mode="yesno") as srv:
-        raw = {
-            "run": {"name": "judge-held", "seed": 7},
-            "endpoints": {"fake": {"base_url": srv.base_url, "model": "fake-judge",
-                                   "max_concurrency": 4}},
-            "stages": {
-                "source": {"uses": "tests.fixtures.pairs:PairsSource"},
-                "judge": {
-                    "pairs_from": "qrels",
-                    "calibration_pairs": 4,
-                    "min_kappa": None,
-                    "judges": [
-                        {"name": "minilm", "kind": "bi_encoder", "threshold": 0.3},
-                        {"name": "a", "endpoint": "fake", "answer_format": "word"},
-                        {"name": "b", "endpoint": "fake", "prompt": "judge_strict",
-                         "answer_format": "word"},
-                    ],
-                },
-            },
-        }  # fmt: skip
+        judges = [
+            JUDGES[0],
+            {**JUDGES[1], "samples": 1},
+            {k: v for k, v in JUDGES[2].items() if k != "seed"},
+        ]
+        judge = {"pairs_from": "qrels", "calibration_pairs": 4, "min_kappa": None,
+                 "judges": judges}  # fmt: skip
+        raw = judge_pipeline(srv.base_url, "judge-held", 7, judge)
         results = {}
         for name, min_kappa in (("trusted", None), ("held", 1.0)):
             raw["stages"]["judge"]["min_kappa"] = min_kappa

@@ -18,27 +18,12 @@ def test_status_shows_the_judge_votes_calls_saved_and_agreement(tmp_path, repo, 
     from rankmill.status import judge_lines, run_status
     from tests.fixtures.cli import finish
     from tests.fixtures.openai_server import FakeOpenAIServer
+    from tests.fixtures.pairs import JUDGES, judge_pipeline
 
     with FakeOpenAIServer(answer_mode="yesno") as srv:
-        raw = {
-            "run": {"name": "judge-status", "seed": 11},
-            "endpoints": {"fake": {"base_url": srv.base_url, "model": "fake-judge",
-                                   "max_concurrency": 4}},
-            "stages": {
-                "source": {"uses": "tests.fixtures.pairs:PairsSource", "pool_size": 3},
-                "judge": {
-                    "pairs_from": "candidates",
-                    "calibration_pairs": 6,
-                    "rows_per_unit": 6,
-                    "judges": [
-                        {"name": "minilm", "kind": "bi_encoder", "threshold": 0.3},
-                        {"name": "a", "endpoint": "fake", "samples": 3, "answer_format": "word"},
-                        {"name": "b", "endpoint": "fake", "prompt": "judge_strict",
-                         "answer_format": "word", "seed": 5},
-                    ],
-                },
-            },
-        }  # fmt: skip
+        judge = {"pairs_from": "candidates", "calibration_pairs": 6, "rows_per_unit": 6,
+                 "judges": JUDGES}  # fmt: skip
+        raw = judge_pipeline(srv.base_url, "judge-status", 11, judge, source={"pool_size": 3})
         run_dir = tmp_path / "run"
         Runner(validate_pipeline(raw), str(run_dir)).run()
         sent = srv.completed()
