@@ -131,6 +131,26 @@ def test_model_from_aggregate_smooths_counts():
     assert m.prior == pytest.approx(0.5)
 
 
+def test_a_lopsided_calibration_slice_never_labels_a_pair_by_the_prior_alone():
+    # 8 calibration pairs, all relevant, two judges that say yes either way: the raw prior is
+    # 1, and the judges' votes carry little against it
+    votes = [V(f"t{i}", j, 0, True) for i in range(8) for j in "ab"]
+    m = JudgeModel.from_aggregate(aggregate(votes, "majority_vote"), smoothing=1.0)
+    assert m.prior == pytest.approx(9 / 10)  # (8 + 1) / (8 + 2)
+    judges = [JudgeSpec("a"), JudgeSpec("b")]
+    st = PairVotes(judges)
+    assert stop_reason(st, StopRule(), m) is None  # nothing asked yet: ask the cheapest
+    states, reasons = ask_adaptively(
+        ["p"], judges, lambda calls: [False for _ in calls], StopRule(), m
+    )
+    assert states["p"].calls >= 1 and reasons["p"] is not None
+    # even where the prior does outweigh every vote left, the cheapest judge is asked once
+    lopsided = JudgeModel(prior=0.98, sensitivity={"a": 0.6, "b": 0.6},
+                          specificity={"a": 0.5, "b": 0.5})  # fmt: skip
+    assert stop_reason(PairVotes(judges), StopRule(min_votes=0), lopsided) == "settled"
+    assert stop_reason(PairVotes(judges), StopRule(), lopsided) is None
+
+
 JUDGES3 = [JudgeSpec("a"), JudgeSpec("b"), JudgeSpec("c")]
 
 

@@ -279,7 +279,11 @@ class JudgeModel:
         for judge, r in agg.judges.iterrows():
             sens[str(judge)] = float((r["tp"] + smoothing) / (r["tp"] + r["fn"] + 2 * smoothing))
             spec[str(judge)] = float((r["tn"] + smoothing) / (r["tn"] + r["fp"] + 2 * smoothing))
+        # the prior too: a small calibration slice that happens to be all relevant must not
+        # make the prior alone settle later pairs
+        n = float(len(agg.pairs))
         prior = agg.prior if math.isfinite(agg.prior) else 0.5
+        prior = (prior * n + smoothing) / (n + 2 * smoothing)
         cons = sample_consistency(votes) if votes is not None else {}
         return cls(
             prior=float(prior), sensitivity=sens, specificity=spec, floor=floor, consistency=cons
@@ -474,11 +478,13 @@ class StopRule:
     """When a pair is settled. ``confidence``: stop once the chance that the remaining votes
     leave the pair's label unchanged reaches it (needs a :class:`JudgeModel`; see
     :func:`stop_reason`); ``max_votes``: a cap on calls per pair; ``full``: ask every judge
-    every sample (the calibration slice)."""
+    every sample (the calibration slice); ``min_votes``: calls asked of every pair before
+    anything but exhaustion stops it (a pair is never labelled by the prior alone)."""
 
     confidence: float = 0.99
     max_votes: int | None = None
     full: bool = False
+    min_votes: int = 1
 
 
 @dataclass
@@ -558,6 +564,7 @@ def _llr(model: JudgeModel | None, judge: str, vote: int | None) -> float:
 def stop_reason(state: PairVotes, rule: StopRule, model: JudgeModel | None = None) -> str | None:
     """Why asking about this pair stops now, or None to go on.
 
+    Before ``rule.min_votes`` calls only exhaustion or the cap stops a pair.
     "exhausted": every judge's vote is fixed; "cap": ``max_votes`` calls made; "settled": the
     decision (posterior above or below one half under ``model``; the majority of judge votes
     without one) is the same whatever the remaining votes say; "confident": under ``model``,
@@ -569,7 +576,7 @@ def stop_reason(state: PairVotes, rule: StopRule, model: JudgeModel | None = Non
         return "exhausted"
     if rule.max_votes is not None and state.calls >= rule.max_votes:
         return "cap"
-    if rule.full:
+    if rule.full or state.calls < rule.min_votes:
         return None
     base = model.prior_log_odds() if model is not None else 0.0
     lo = hi = base

@@ -25,7 +25,8 @@ How it runs, with the stage contract's phases:
 - phase 1: the other pairs, asked adaptively (:func:`rankmill.ensemble.stop_reason`), round
   by round cheapest judge first: a judge stops sampling once its majority is fixed, a pair once
   its outcome cannot change with the votes left, or once the remaining votes would leave its
-  label unchanged with probability ``confidence``, or at ``max_votes``;
+  label unchanged with probability ``confidence``, or at ``max_votes`` (never before
+  ``min_votes`` calls);
 - ``finalize``: every vote aggregated (``method``), then ``judgments`` (hard and soft label,
   votes, self-consistency, agreement per pair), ``relabels`` (every role change with its
   reason and posterior), ``judge_report`` (estimated accuracy and confusion per judge, and the
@@ -174,6 +175,12 @@ class JudgeParams(StageParams):
         "least this probability.",
     )
     max_votes: int | None = Field(None, ge=1, description="Cap on calls per pair (None: none).")
+    min_votes: int = Field(
+        1,
+        ge=1,
+        description="Calls asked of every pair before it may stop (cheapest judges first): a "
+        "pair is never labelled by the calibration prior alone.",
+    )
     adaptive: bool = Field(
         True, description="Stop early after calibration; false asks every judge every sample."
     )
@@ -401,7 +408,9 @@ class JudgeStage(Stage):
 
         calibrating = unit.phase == 0 or not p.adaptive
         model = None if calibrating else self._judge_model()
-        rule = StopRule(confidence=p.confidence, max_votes=p.max_votes, full=calibrating)
+        rule = StopRule(
+            confidence=p.confidence, max_votes=p.max_votes, full=calibrating, min_votes=p.min_votes
+        )
         vote_rows: list[dict[str, Any]] = []
 
         def answer(calls: list[tuple[str, str, int]]) -> list[bool | None]:
