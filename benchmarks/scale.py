@@ -141,6 +141,10 @@ class Watch:
                         kind = self._kind(p)
                 except psutil.Error:
                     continue
+                # A Ray worker is named ray::IDLE until it hosts an actor and may be named so
+                # again after: once seen as a worker it stays one.
+                if self.cpu.get(p.pid, ("",))[0] == "worker":
+                    kind = "worker"
                 self.cpu[p.pid] = (kind, t.user + t.system)
                 if kind == "driver":
                     self.driver_peak = max(self.driver_peak, rss)

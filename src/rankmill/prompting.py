@@ -72,10 +72,11 @@ def boundary_for(text: str, label: str, length: int = 16) -> str:
 
 def neutralise(text: str, boundary: str) -> str:
     """Remove every marker-like sequence and the boundary itself from untrusted text."""
-    text = _MARKER.sub("[marker removed]", text)
-    # Runs of three or more angle brackets are what markers are made of; shorten them so no
-    # partial marker survives either (e.g. one split across a line break).
-    text = _ANGLES.sub(lambda m: m.group(0)[0] * 2, text)
+    if "<<<" in text or ">>>" in text:  # both patterns need a run of three (most texts: none)
+        text = _MARKER.sub("[marker removed]", text)
+        # Runs of three or more angle brackets are what markers are made of; shorten them so
+        # no partial marker survives either (e.g. one split across a line break).
+        text = _ANGLES.sub(lambda m: m.group(0)[0] * 2, text)
     if boundary:
         text = text.replace(boundary, "[boundary removed]")
     return text
