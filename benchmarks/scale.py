@@ -404,7 +404,9 @@ def main() -> None:
                 (
                     "label, resumed",
                     f"{resume_s:.1f} s; {labels} labels, {rejects} "
-                    f"rejects, {sent} distinct calls, {repeated} sent twice (in flight)",
+                    f"rejects, {sent} distinct calls, {repeated} sent twice (in flight); "
+                    f"driver {max(w.driver_peak, w2.driver_peak) / GIB:.2f} GiB, "
+                    f"worker {max(w.worker_peak, w2.worker_peak) / GIB:.2f} GiB",
                 )
             )
 

@@ -249,6 +249,28 @@ def test_pairs_from_candidates_take_the_top_of_each_pool() -> None:
     assert top1.column("doc_id").to_pylist() == ["d1", "d3"]
 
 
+def test_the_stage_plans_with_document_ids_only_and_units_name_documents() -> None:
+    from rankmill.stages.label import LabelStage
+
+    wanted = LabelStage.plan_inputs(None)  # type: ignore[arg-type]
+    assert wanted is not None and wanted["corpus"] == ["doc_id"]
+    ids_only = _corpus().select(["doc_id"])
+    t = build_pairs(ids_only, _queries(), _candidates(), _qrels(), "auto", 3).to_pylist()
+    assert all(r["doc_text"] is None and r["doc_title"] is None for r in t)
+    got = [(r["query_id"], r["doc_id"], r["problem"]) for r in t]
+    assert got == [
+        ("q1", "d1", None),
+        ("q1", "d9", "unknown_doc_id"),  # flagged while planning: a reject at process time
+        ("q1", "d1", "duplicate_pair"),
+        ("q2", "d3", None),
+        ("q2", "d1", None),
+        ("q2", "d2", None),
+    ]
+    # an unknown query is named first, as when the texts are joined
+    t = build_pairs(ids_only, _queries(), None, _qrels(), "auto", 3).to_pylist()
+    assert [r["problem"] for r in t] == [None, None, None] and t[2]["query_text"] is None
+
+
 def test_pairs_from_qrels_when_there_are_no_candidates() -> None:
     t = build_pairs(_corpus(), _queries(), None, _qrels(), "auto", 3).to_pylist()
     got = [(r["query_id"], r["doc_id"], r["pair_source"], r["qrel_score"]) for r in t]

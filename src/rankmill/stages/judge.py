@@ -19,6 +19,8 @@ go first. A pipeline snippet::
 
 How it runs, with the stage contract's phases:
 
+- ``prepare``: the corpus once, as an Arrow file every actor memory-maps (the driver plans
+  from document ids; a unit names its documents, :mod:`rankmill.docstore`);
 - phase 0: a seeded calibration slice of pairs that every judge labels fully;
 - ``aggregate(0)``: Dawid–Skene on the calibration votes gives each judge's sensitivity and
   specificity, and its samples' agreement gives its consistency (table ``calibration``);
@@ -45,12 +47,14 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rankmill.config import StageParams
+from rankmill.docstore import DOC_COLUMNS, DOCS_FILE, DocStore, write_docs
 from rankmill.manifest import Counters
 from rankmill.schemas import (
     AGREEMENT,
@@ -235,7 +239,7 @@ class JudgeStage(Stage):
     """An ensemble of judges with adaptive stopping; see the module docstring."""
 
     name = "judge"
-    version = "1"
+    version = "2"  # documents by reference (the prepare step's docs file)
     Params = JudgeParams
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {
@@ -269,8 +273,8 @@ class JudgeStage(Stage):
 
     def plan_inputs(self) -> dict[str, list[str] | None] | None:
         return {
-            "corpus": None,
-            "queries": None,
+            "corpus": ["doc_id"],  # the texts reach the workers through the prepare step
+            "queries": ["query_id", "text"],
             "negatives": ["query_id", "positive_ids", "negative_ids"],
             "candidates": ["query_id", "doc_ids", "positive_ids"],
             "qrels": None,
@@ -324,10 +328,38 @@ class JudgeStage(Stage):
         )
         return units
 
+    def prepare(self, step: StepContext) -> StepOutput:
+        """The documents the stage's pairs name, once, as the Arrow file every actor
+        memory-maps (:mod:`rankmill.docstore`): units name documents, they do not carry them.
+        The pairs are found as ``plan`` finds them, from the same inputs."""
+        p = self.params
+        wanted = self.plan_inputs() or {}
+
+        def read(name: str) -> pa.Table | None:
+            return step.read_input(name, wanted.get(name)) if step.has_input(name) else None
+
+        corpus = step.read_input("corpus", columns=DOC_COLUMNS)
+        rows = build_judge_pairs(
+            corpus.select(["doc_id"]),
+            step.read_input("queries", wanted["queries"]),
+            negatives=read("negatives"),
+            candidates=read("candidates"),
+            qrels=read("qrels"),
+            pairs_from=p.pairs_from,
+            max_docs_per_query=p.max_docs_per_query,
+            max_queries=p.max_queries,
+        )
+        path = os.path.join(step.work_dir, DOCS_FILE)
+        n = write_docs(corpus, path, only=[r["doc_id"] for r in rows])
+        counters = Counters()
+        counters.extra["documents"] = float(n)
+        return StepOutput(files={DOCS_FILE: path}, counters=counters)
+
     # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
+        self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
         self._loop = asyncio.new_event_loop()
         self._gws: dict[str, Any] = {}
         self._scorers: dict[str, Any] = {}
@@ -379,6 +411,12 @@ class JudgeStage(Stage):
         for gw in self._gws.values():
             gw.take_counters()  # usage of a unit that raised belongs to no committed unit
         rows = unit.tables["pairs"].to_pylist()
+        need = [i for i, r in enumerate(rows) if r["doc_text"] is None]
+        if need:  # documents by reference: from the prepare step's file
+            for i, doc in zip(need, self._docs.lookup([rows[i]["doc_id"] for i in need]),
+                              strict=True):  # fmt: skip
+                if doc is not None:
+                    rows[i]["doc_title"], rows[i]["doc_text"] = doc
         counters = Counters(rows_in=len(rows))
         rejects: list[dict[str, Any]] = []
         pairs: dict[str, dict[str, Any]] = {}
@@ -876,7 +914,8 @@ def build_judge_pairs(
     max_docs_per_query: int = 20,
     max_queries: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The pairs to judge with their role and texts, deterministic order, no duplicates."""
+    """The pairs to judge with their role, deterministic order, no duplicates; with the
+    documents' titles and texts when ``corpus`` has a ``text`` column, else by reference."""
     from rankmill.errors import StageError
 
     src = pairs_from
@@ -924,16 +963,17 @@ def build_judge_pairs(
         zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist(), strict=True)
     )
     needed = {r["doc_id"] for r in out}
-    titles = (
-        corpus.column("title").to_pylist()
-        if "title" in corpus.column_names
-        else [None] * corpus.num_rows
-    )
     docs: dict[str, tuple[str | None, str]] = {}
-    for d, ti, x in zip(corpus.column("doc_id").to_pylist(), titles,
-                        corpus.column("text").to_pylist(), strict=True):  # fmt: skip
-        if d in needed and d not in docs:
-            docs[d] = (ti, x)
+    if "text" in corpus.column_names:  # else by reference: texts looked up on the workers
+        titles = (
+            corpus.column("title").to_pylist()
+            if "title" in corpus.column_names
+            else [None] * corpus.num_rows
+        )
+        for d, ti, x in zip(corpus.column("doc_id").to_pylist(), titles,
+                            corpus.column("text").to_pylist(), strict=True):  # fmt: skip
+            if d in needed and d not in docs:
+                docs[d] = (ti, x)
     for r in out:
         r["query_text"] = qtext.get(r["query_id"])
         t = docs.get(r["doc_id"])

@@ -18,6 +18,10 @@ chooses explicitly. A pipeline snippet::
         samples: 2
         max_docs_per_query: 5
 
+The driver plans from document ids alone; the stage's ``prepare`` step writes the corpus once
+(the first row of each doc_id) as an Arrow file that each actor memory-maps, and a unit names
+its documents rather than carrying them.
+
 Teacher and judge stages grow from this one: the prompt is a parameter (a ``prompts/<name>.j2``
 with ``system``/``user`` blocks that sees ``query``, ``document`` and ``answer_format``), and
 ``judge`` in each row names the stage, so several label stages form an ensemble.
@@ -50,6 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -59,6 +64,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
+from rankmill.docstore import DOC_COLUMNS, DOCS_FILE, DocStore, write_docs
 from rankmill.manifest import Counters
 from rankmill.pointwise import (
     closest_to_mean,
@@ -70,15 +76,27 @@ from rankmill.pointwise import (
 )
 from rankmill.prompting import fence, render_messages
 from rankmill.schemas import CANDIDATES, CONSENSUS, CORPUS, LABELS, QRELS, QUERIES, REASONING
-from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, load_prompt, rejects_table
+from rankmill.stage import (
+    Stage,
+    StepContext,
+    StepOutput,
+    UnitOutput,
+    WorkUnit,
+    chunk_units,
+    load_prompt,
+    rejects_table,
+)
 
 if TYPE_CHECKING:
     from rankmill.llm import ChatResult
 
 log = logging.getLogger(__name__)
 
-# What a unit carries: the pair, where it came from, and the texts (joined on the driver, so a
-# unit's key changes when a text does and workers never load the whole corpus).
+# What a unit carries: the pair, where it came from and the query's text. Documents travel by
+# reference: the stage's ``prepare`` step writes the corpus once as an Arrow file that every
+# actor memory-maps, so the driver never holds document texts and units stay small (a change
+# of a text still re-runs the stage: its fingerprint holds the corpus's committed content).
+# ``doc_title``/``doc_text`` are filled only by callers of :func:`build_pairs` that pass texts.
 PAIRS = pa.schema(
     [
         pa.field("query_id", pa.string()),
@@ -312,7 +330,7 @@ class LabelStage(Stage):
     """Pointwise yes/no relevance verdicts; see the module docstring."""
 
     name = "label"
-    version = "1"
+    version = "2"  # documents by reference (the prepare step's docs file)
     Params = LabelParams
     # process() only reads what setup() built; units in flight share the actor's gateway, so
     # the endpoint stays busy while a unit waits for its slowest answer.
@@ -335,6 +353,15 @@ class LabelStage(Stage):
         return {name: load_prompt(name) for name in names}
 
     # -- planning (driver) ----------------------------------------------------------------------
+    def plan_inputs(self) -> dict[str, list[str] | None] | None:
+        # document ids only: the texts reach the workers through the prepare step's file
+        return {
+            "corpus": ["doc_id"],
+            "queries": ["query_id", "text"],
+            "candidates": ["query_id", "doc_ids"],
+            "qrels": ["query_id", "doc_id", "score"],
+        }
+
     def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
         pairs = build_pairs(
             corpus=inputs["corpus"],
@@ -347,10 +374,36 @@ class LabelStage(Stage):
         log.info("label %s: %d pairs to label", self.ctx.stage_name, pairs.num_rows)
         return chunk_units(pairs, self.params.rows_per_unit, "pairs")
 
+    # -- stage-wide: the documents every actor maps -----------------------------------------------
+    def prepare(self, step: StepContext) -> StepOutput:
+        """The documents the stage's pairs name, once, as the Arrow file every actor
+        memory-maps (:mod:`rankmill.docstore`): units name documents, they do not carry them.
+        The pairs are found as ``plan`` finds them, from the same inputs."""
+        wanted = self.plan_inputs() or {}
+
+        def read(name: str) -> pa.Table | None:
+            return step.read_input(name, wanted.get(name)) if step.has_input(name) else None
+
+        corpus = step.read_input("corpus", columns=DOC_COLUMNS)
+        pairs = build_pairs(
+            corpus=corpus.select(["doc_id"]),
+            queries=step.read_input("queries", wanted["queries"]),
+            candidates=read("candidates"),
+            qrels=read("qrels"),
+            pairs_from=self.params.pairs_from,
+            max_docs_per_query=self.params.max_docs_per_query,
+        )
+        path = os.path.join(step.work_dir, DOCS_FILE)
+        n = write_docs(corpus, path, only=pairs.column("doc_id").to_pylist())
+        counters = Counters()
+        counters.extra["documents"] = float(n)
+        return StepOutput(files={DOCS_FILE: path}, counters=counters)
+
     # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
+        self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
         self._template = self.prompt_text(self.params.template)
         self._conclude = (
             self.prompt_text("label_conclude")
@@ -391,6 +444,19 @@ class LabelStage(Stage):
         # Usage left over from a unit that raised belongs to no committed unit.
         self._gw.take_counters()
         params = self.request_params()
+
+        # Documents by reference: looked up in the prepare step's file (rows that carry their
+        # text, from callers of build_pairs that passed texts, keep it).
+        need = [
+            i
+            for i, r in enumerate(rows)
+            if r["doc_text"] is None and r["problem"] is None and r["doc_id"] is not None
+        ]
+        if need:
+            for i, doc in zip(need, self._docs.lookup([rows[i]["doc_id"] for i in need]),
+                              strict=True):  # fmt: skip
+                if doc is not None:
+                    rows[i]["doc_title"], rows[i]["doc_text"] = doc
 
         # Pairs that can be asked about, with their messages; the others are rejects now.
         todo: list[tuple[dict[str, Any], list[dict[str, str]]]] = []
@@ -767,7 +833,8 @@ def build_pairs(
     pairs_from: str = "auto",
     max_docs_per_query: int = 20,
 ) -> pa.Table:
-    """The (query, doc) pairs to label with their texts, in a deterministic order.
+    """The (query, doc) pairs to label, in a deterministic order: with the documents' titles
+    and texts when ``corpus`` has a ``text`` column, else by reference (ids only).
 
     Candidate pairs keep their pool rank; judged pairs carry their qrel score. A pair that
     appears twice, or names an unknown query or document, stays in the table (with ``problem``
@@ -862,6 +929,15 @@ def build_pairs(
     wanted = corpus.filter(
         pc.is_in(corpus.column("doc_id"), value_set=pa.array(sorted(needed), pa.string()))
     )
+    if "text" not in wanted.column_names:
+        # by reference (the stage's plan): ids only; an unknown document is flagged now
+        known = set(wanted.column("doc_id").to_pylist())
+        for r in out:
+            r["query_text"] = query_text.get(r["query_id"])
+            # (an unknown query is still named first, as when texts are joined here)
+            if r["problem"] is None and r["query_text"] is not None and r["doc_id"] not in known:
+                r["problem"] = "unknown_doc_id"
+        return pa.Table.from_pylist(out, schema=PAIRS)
     titles = (
         wanted.column("title").to_pylist()
         if "title" in wanted.column_names

@@ -240,6 +240,10 @@ class MineStage(Stage):
 
     params: MineParams
 
+    def plan_inputs(self) -> dict[str, list[str] | None] | None:
+        # units are queries: the corpus is read by the prepare step, on a worker
+        return {"queries": None, "qrels": None, "exclusions": None}
+
     def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
         p = self.params
         table = unit_queries(
