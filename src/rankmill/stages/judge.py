@@ -19,8 +19,8 @@ go first. A pipeline snippet::
 
 How it runs, with the stage contract's phases:
 
-- ``prepare``: the corpus once, as an Arrow file every actor memory-maps (the driver plans
-  from document ids; a unit names its documents, :mod:`rankmill.docstore`);
+- ``prepare``: the documents the pairs name, once, as an Arrow file every actor memory-maps
+  (the driver plans from document ids; a unit names its documents, :mod:`rankmill.docstore`);
 - phase 0: a seeded calibration slice of pairs that every judge labels fully;
 - ``aggregate(0)``: Dawid–Skene on the calibration votes gives each judge's sensitivity and
   specificity, and its samples' agreement gives its consistency (table ``calibration``);

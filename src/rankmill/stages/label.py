@@ -18,9 +18,9 @@ chooses explicitly. A pipeline snippet::
         samples: 2
         max_docs_per_query: 5
 
-The driver plans from document ids alone; the stage's ``prepare`` step writes the corpus once
-(the first row of each doc_id) as an Arrow file that each actor memory-maps, and a unit names
-its documents rather than carrying them.
+The driver plans from document ids alone; the stage's ``prepare`` step writes the documents
+the pairs name once (the first row of each doc_id) as an Arrow file that each actor
+memory-maps, and a unit names its documents rather than carrying them.
 
 Teacher and judge stages grow from this one: the prompt is a parameter (a ``prompts/<name>.j2``
 with ``system``/``user`` blocks that sees ``query``, ``document`` and ``answer_format``), and
@@ -93,9 +93,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What a unit carries: the pair, where it came from and the query's text. Documents travel by
-# reference: the stage's ``prepare`` step writes the corpus once as an Arrow file that every
-# actor memory-maps, so the driver never holds document texts and units stay small (a change
-# of a text still re-runs the stage: its fingerprint holds the corpus's committed content).
+# reference: the stage's ``prepare`` step writes the documents the pairs name once as an Arrow
+# file that every actor memory-maps, so the driver never holds document texts and units stay
+# small (a change of a text still re-runs the stage: its fingerprint holds the corpus's
+# committed content).
 # ``doc_title``/``doc_text`` are filled only by callers of :func:`build_pairs` that pass texts.
 PAIRS = pa.schema(
     [
