@@ -289,6 +289,30 @@ def test_a_stage_that_rejects_everything_is_flagged(tmp_path, repo):
     assert again.returncode == EXIT_FLAGGED
 
 
+def test_reading_some_columns_still_verifies_the_whole_file(tmp_path):
+    import pyarrow as pa
+
+    from rankmill.errors import CorruptData
+    from rankmill.manifest import Counters
+
+    rd = RunDir(str(tmp_path / "run"))
+    t = pa.table({"doc_id": ["a", "b"], "text": ["x" * 1000, "y" * 1000]})
+    rec = rd.commit_unit("ingest", "u0", "fp0", {"corpus": t}, Counters())
+    assert rd.read_unit_table(rec, "corpus", columns=["doc_id"]).to_pylist() == [
+        {"doc_id": "a"},
+        {"doc_id": "b"},
+    ]
+    victim = Path(rd.path(rec.files[0].path))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the whole file is hashed, not only the columns read
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptData, match="sha256"):
+        rd.read_unit_table(rec, "corpus", columns=["doc_id"])
+    victim.unlink()
+    with pytest.raises(CorruptData, match="missing"):
+        rd.read_unit_table(rec, "corpus", columns=["doc_id"])
+
+
 @pytest.mark.slow
 def test_a_flipped_byte_is_found_by_verify_and_recomputed_by_run(tmp_path, repo):
     pipe = write(tmp_path, toy())

@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rankmill.errors import CorruptData, ManifestError
-from rankmill.hashing import bytes_sha256, stable_hash
+from rankmill.hashing import bytes_sha256, file_sha256, stable_hash
 
 RECORD_FORMAT = 2
 _MASK = (1 << 64) - 1
@@ -456,6 +456,14 @@ class RunDir:
         for f in rec.files:
             if f.table != table:
                 continue
+            if columns is not None and self.local:
+                # Some columns of a local file: verify it in chunks, then read only those
+                # columns, so that reading ids never holds the whole file (texts) in memory.
+                path = self.path(f.path)
+                if verify and (not os.path.exists(path) or file_sha256(path) != f.sha256):
+                    self._verified_bytes(rec, f, step)  # raises CorruptData, saying why
+                with pa.OSFile(path) as fh:
+                    return pq.read_table(fh, columns=columns)
             if verify:
                 data = self._verified_bytes(rec, f, step)
             else:
