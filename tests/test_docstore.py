@@ -42,6 +42,22 @@ def test_only_the_documents_named_are_written(tmp_path):
     assert DocStore(lambda: path).lookup(["a", "b", "c"]) == [(None, "x"), None, (None, "z")]
 
 
+def test_fill_sets_the_texts_of_rows_without_one(tmp_path):
+    path = str(tmp_path / "docs.arrow")
+    write_docs(pa.table({"doc_id": ["a", "b"], "title": ["A", None], "text": ["x", "y"]}), path)
+    rows = [
+        {"doc_id": "a", "doc_title": None, "doc_text": None},
+        {"doc_id": "b", "doc_title": "kept", "doc_text": "own text"},  # carries its text
+        {"doc_id": "zz", "doc_title": None, "doc_text": None},  # unknown: stays None
+    ]
+    DocStore(lambda: path).fill(rows)
+    assert [(r["doc_title"], r["doc_text"]) for r in rows] == [
+        ("A", "x"),
+        ("kept", "own text"),
+        (None, None),
+    ]
+
+
 def test_a_corpus_without_titles(tmp_path):
     path = str(tmp_path / "docs.arrow")
     write_docs(pa.table({"doc_id": ["a"], "text": ["x"]}), path)

@@ -5,19 +5,24 @@ Stages whose work units would otherwise carry document texts (``label``, ``judge
 document ids alone: the driver never holds the texts, and units stay a few ids long. A change
 of a text still re-runs such a stage, whose fingerprint holds the corpus's committed content.
 
-    # in prepare (on a worker): the documents the stage's pairs name
-    write_docs(step.read_input("corpus", columns=DOC_COLUMNS), path, only=doc_ids)
-    # in process (on each actor; opened on first use, shared by the actor's threads)
-    store = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
-    title, text = store.lookup(["d1", "d2"])[0] or (None, None)
+    # prepare (on a worker): the documents the pairs name, found from the plan's inputs
+    return prepare_docs(step, self.plan_inputs(), lambda inputs: ids_of(self._pairs(inputs)))
+    # setup and process (on each actor; opened on first use, shared by the actor's threads)
+    self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
+    self._docs.fill(rows)  # doc_title/doc_text of each row without a text
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
+
+from rankmill.manifest import Counters
+from rankmill.stage import StepContext, StepOutput
 
 DOCS_FILE = "docs.arrow"  # the prepare step's file: doc_id, title, text
 DOC_COLUMNS = ["doc_id", "title", "text"]
@@ -55,6 +60,27 @@ def write_docs(corpus: pa.Table, path: str, only: Iterable[str] | None = None) -
     return docs.num_rows
 
 
+def prepare_docs(
+    step: StepContext,
+    wanted: dict[str, list[str] | None],
+    doc_ids: Callable[[dict[str, pa.Table]], Iterable[str]],
+) -> StepOutput:
+    """The prepare step of a stage whose units name documents: read the inputs its plan reads
+    (``wanted``, the stage's ``plan_inputs``, the corpus as ids), ask ``doc_ids`` which
+    documents its pairs name, and write those (:func:`write_docs`) for the actors to map."""
+    corpus = step.read_input("corpus", columns=DOC_COLUMNS)
+    inputs = {
+        name: step.read_input(name, columns)
+        for name, columns in wanted.items()
+        if name != "corpus" and step.has_input(name)
+    }
+    inputs["corpus"] = corpus.select(["doc_id"])
+    path = os.path.join(step.work_dir, DOCS_FILE)
+    counters = Counters()
+    counters.extra["documents"] = float(write_docs(corpus, path, only=doc_ids(inputs)))
+    return StepOutput(files={DOCS_FILE: path}, counters=counters)
+
+
 class DocStore:
     """The documents of a file :func:`write_docs` wrote, memory-mapped on first use (``path``
     is called then, so a stage that never needs a text never opens it)."""
@@ -87,3 +113,12 @@ class DocStore:
             zip(picked.column("title").to_pylist(), picked.column("text").to_pylist(), strict=True)
         )
         return [None if i is None else next(hits) for i in rows]
+
+    def fill(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Set ``doc_title`` and ``doc_text`` of each row that has no ``doc_text`` from its
+        ``doc_id`` (left None for an id the corpus lacks)."""
+        need = [r for r in rows if r["doc_text"] is None]
+        if need:
+            for r, doc in zip(need, self.lookup([r["doc_id"] for r in need]), strict=True):
+                if doc is not None:
+                    r["doc_title"], r["doc_text"] = doc

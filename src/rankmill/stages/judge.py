@@ -47,14 +47,13 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rankmill.config import StageParams
-from rankmill.docstore import DOC_COLUMNS, DOCS_FILE, DocStore, write_docs
+from rankmill.docstore import DOCS_FILE, DocStore, prepare_docs
 from rankmill.manifest import Counters
 from rankmill.schemas import (
     AGREEMENT,
@@ -286,9 +285,9 @@ class JudgeStage(Stage):
         return [JudgeSpec(j.name, j.samples, j.kind == "llm") for j in self.params.judges]
 
     # -- planning (driver) ----------------------------------------------------------------------
-    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+    def _pairs(self, inputs: dict[str, pa.Table]) -> list[dict[str, Any]]:
         p = self.params
-        rows = build_judge_pairs(
+        return build_judge_pairs(
             inputs["corpus"],
             inputs["queries"],
             negatives=inputs.get("negatives"),
@@ -298,6 +297,10 @@ class JudgeStage(Stage):
             max_docs_per_query=p.max_docs_per_query,
             max_queries=p.max_queries,
         )
+
+    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+        p = self.params
+        rows = self._pairs(inputs)
 
         # The calibration slice: a seeded choice spread over the pairs (not the first queries).
         def rank(r: dict[str, Any]) -> str:
@@ -329,31 +332,10 @@ class JudgeStage(Stage):
         return units
 
     def prepare(self, step: StepContext) -> StepOutput:
-        """The documents the stage's pairs name, once, as the Arrow file every actor
-        memory-maps (:mod:`rankmill.docstore`): units name documents, they do not carry them.
-        The pairs are found as ``plan`` finds them, from the same inputs."""
-        p = self.params
+        """The documents the stage's pairs name (found as ``plan`` finds them), once, as the
+        Arrow file every actor memory-maps (:mod:`rankmill.docstore`)."""
         wanted = self.plan_inputs() or {}
-
-        def read(name: str) -> pa.Table | None:
-            return step.read_input(name, wanted.get(name)) if step.has_input(name) else None
-
-        corpus = step.read_input("corpus", columns=DOC_COLUMNS)
-        rows = build_judge_pairs(
-            corpus.select(["doc_id"]),
-            step.read_input("queries", wanted["queries"]),
-            negatives=read("negatives"),
-            candidates=read("candidates"),
-            qrels=read("qrels"),
-            pairs_from=p.pairs_from,
-            max_docs_per_query=p.max_docs_per_query,
-            max_queries=p.max_queries,
-        )
-        path = os.path.join(step.work_dir, DOCS_FILE)
-        n = write_docs(corpus, path, only=[r["doc_id"] for r in rows])
-        counters = Counters()
-        counters.extra["documents"] = float(n)
-        return StepOutput(files={DOCS_FILE: path}, counters=counters)
+        return prepare_docs(step, wanted, lambda i: [r["doc_id"] for r in self._pairs(i)])
 
     # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -411,12 +393,7 @@ class JudgeStage(Stage):
         for gw in self._gws.values():
             gw.take_counters()  # usage of a unit that raised belongs to no committed unit
         rows = unit.tables["pairs"].to_pylist()
-        need = [i for i, r in enumerate(rows) if r["doc_text"] is None]
-        if need:  # documents by reference: from the prepare step's file
-            for i, doc in zip(need, self._docs.lookup([rows[i]["doc_id"] for i in need]),
-                              strict=True):  # fmt: skip
-                if doc is not None:
-                    rows[i]["doc_title"], rows[i]["doc_text"] = doc
+        self._docs.fill(rows)  # documents by reference: from the prepare step's file
         counters = Counters(rows_in=len(rows))
         rejects: list[dict[str, Any]] = []
         pairs: dict[str, dict[str, Any]] = {}

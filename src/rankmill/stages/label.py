@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -64,7 +63,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
-from rankmill.docstore import DOC_COLUMNS, DOCS_FILE, DocStore, write_docs
+from rankmill.docstore import DOCS_FILE, DocStore, prepare_docs
 from rankmill.manifest import Counters
 from rankmill.pointwise import (
     closest_to_mean,
@@ -363,8 +362,8 @@ class LabelStage(Stage):
             "qrels": ["query_id", "doc_id", "score"],
         }
 
-    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
-        pairs = build_pairs(
+    def _pairs(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        return build_pairs(
             corpus=inputs["corpus"],
             queries=inputs["queries"],
             candidates=inputs.get("candidates"),
@@ -372,33 +371,18 @@ class LabelStage(Stage):
             pairs_from=self.params.pairs_from,
             max_docs_per_query=self.params.max_docs_per_query,
         )
+
+    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+        pairs = self._pairs(inputs)
         log.info("label %s: %d pairs to label", self.ctx.stage_name, pairs.num_rows)
         return chunk_units(pairs, self.params.rows_per_unit, "pairs")
 
     # -- stage-wide: the documents every actor maps -----------------------------------------------
     def prepare(self, step: StepContext) -> StepOutput:
-        """The documents the stage's pairs name, once, as the Arrow file every actor
-        memory-maps (:mod:`rankmill.docstore`): units name documents, they do not carry them.
-        The pairs are found as ``plan`` finds them, from the same inputs."""
+        """The documents the stage's pairs name (found as ``plan`` finds them), once, as the
+        Arrow file every actor memory-maps (:mod:`rankmill.docstore`)."""
         wanted = self.plan_inputs() or {}
-
-        def read(name: str) -> pa.Table | None:
-            return step.read_input(name, wanted.get(name)) if step.has_input(name) else None
-
-        corpus = step.read_input("corpus", columns=DOC_COLUMNS)
-        pairs = build_pairs(
-            corpus=corpus.select(["doc_id"]),
-            queries=step.read_input("queries", wanted["queries"]),
-            candidates=read("candidates"),
-            qrels=read("qrels"),
-            pairs_from=self.params.pairs_from,
-            max_docs_per_query=self.params.max_docs_per_query,
-        )
-        path = os.path.join(step.work_dir, DOCS_FILE)
-        n = write_docs(corpus, path, only=pairs.column("doc_id").to_pylist())
-        counters = Counters()
-        counters.extra["documents"] = float(n)
-        return StepOutput(files={DOCS_FILE: path}, counters=counters)
+        return prepare_docs(step, wanted, lambda i: self._pairs(i).column("doc_id").to_pylist())
 
     # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -448,16 +432,7 @@ class LabelStage(Stage):
 
         # Documents by reference: looked up in the prepare step's file (rows that carry their
         # text, from callers of build_pairs that passed texts, keep it).
-        need = [
-            i
-            for i, r in enumerate(rows)
-            if r["doc_text"] is None and r["problem"] is None and r["doc_id"] is not None
-        ]
-        if need:
-            for i, doc in zip(need, self._docs.lookup([rows[i]["doc_id"] for i in need]),
-                              strict=True):  # fmt: skip
-                if doc is not None:
-                    rows[i]["doc_title"], rows[i]["doc_text"] = doc
+        self._docs.fill(rows)
 
         # Pairs that can be asked about, with their messages; the others are rejects now.
         todo: list[tuple[dict[str, Any], list[dict[str, str]]]] = []
