@@ -34,6 +34,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))  # tests.fixtures
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -148,7 +149,7 @@ def evaluate(
 
 
 def graded_qrels(name: str) -> dict[str, dict[str, int]]:
-    from _judged import DATA
+    from tests.fixtures.judged import DATA
 
     out: dict[str, dict[str, int]] = {}
     for i, line in enumerate((DATA / name / "qrels" / "test.tsv").open(encoding="utf-8")):
@@ -179,11 +180,11 @@ def main() -> None:
     args.collections = args.collections or ["cranfield", "cisi"]
 
     import torch
-    from _judged import DATA, load, one_positive
     from sentence_transformers import SentenceTransformer
 
     from rankmill.retrieval.dense import resolve_model
     from rankmill.retrieval.miner import doc_text
+    from tests.fixtures.judged import DATA, load, one_positive
 
     if not DATA.is_dir():
         sys.exit(f"{DATA} is not there: this benchmark needs ../shared/data (see its README)")

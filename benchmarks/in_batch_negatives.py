@@ -24,12 +24,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures
 
 import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-from _judged import load  # noqa: E402
 from sentence_transformers.base.sampler import (  # noqa: E402
     DefaultBatchSampler,
     NoDuplicatesBatchSampler,
@@ -38,6 +37,7 @@ from sentence_transformers.base.sampler import (  # noqa: E402
 from rankmill.schemas import CORPUS, QRELS, QUERIES  # noqa: E402
 from rankmill.training import prepare  # noqa: E402
 from rankmill.views import ViewInputs, ViewOptions, build_views  # noqa: E402
+from tests.fixtures.judged import load  # noqa: E402
 
 
 def pairs_view(name: str) -> datasets.Dataset:

@@ -35,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))  # tests.fixtures
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 JUDGES = [
@@ -48,9 +49,9 @@ JUDGES = [
 
 def cranfield_truth(seed: int) -> dict[str, int]:
     import numpy as np
-    from _judged import load
 
     from rankmill.ensemble import task_id
+    from tests.fixtures.judged import load
 
     coll = load("cranfield")
     rng = np.random.default_rng(seed)
@@ -161,12 +162,12 @@ def real(queries: int, calibration: int, run_dir: str) -> dict:
     import tempfile
 
     import numpy as np
-    from _judged import DATA, load, one_positive
 
     from rankmill.ensemble import aggregate, judge_votes, task_id
     from rankmill.manifest import RunDir
     from rankmill.pipeline import validate_pipeline
     from rankmill.runner import Runner
+    from tests.fixtures.judged import DATA, load, one_positive
 
     coll = load("cranfield")
     pos = one_positive(coll, seed=0)

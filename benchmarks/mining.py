@@ -44,6 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))  # tests.fixtures
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -102,13 +103,13 @@ def timed_encode(model) -> list[float]:  # type: ignore[no-untyped-def]
 
 # -- workers (each in its own process) ----------------------------------------------------------
 def worker_st(args: argparse.Namespace) -> dict:
-    from _judged import load, one_positive
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
     from rankmill.retrieval.dense import resolve_model
     from rankmill.retrieval.miner import doc_text
+    from tests.fixtures.judged import load, one_positive
 
     coll = load(args.collection)
     pos = one_positive(coll, args.seed)
@@ -169,9 +170,9 @@ def worker_st(args: argparse.Namespace) -> dict:
 
 def worker_rankmill(args: argparse.Namespace) -> dict:
     import numpy as np
-    from _judged import load, one_positive
 
     from rankmill.retrieval.miner import MineQuery, Miner, MiningParams
+    from tests.fixtures.judged import load, one_positive
 
     coll = load(args.collection)
     pos = one_positive(coll, args.seed)
@@ -300,7 +301,7 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
 
-    from _judged import DATA, load
+    from tests.fixtures.judged import DATA, load
 
     if not DATA.is_dir():
         sys.exit(f"{DATA} is not there: this benchmark needs ../shared/data (see its README)")

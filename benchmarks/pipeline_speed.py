@@ -137,13 +137,13 @@ def pipeline(data: Path, mine: dict, label: dict | None = None, base_url: str = 
 
 # -- sentence-transformers, in its own process -------------------------------------------------
 def worker_st() -> dict:
-    from _judged import load, one_positive
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
     from rankmill.retrieval.dense import resolve_model
     from rankmill.retrieval.miner import doc_text
+    from tests.fixtures.judged import load, one_positive
 
     coll = load("cranfield")
     pos = one_positive(coll, 13)
@@ -196,7 +196,7 @@ def main() -> None:
         print(json.dumps(worker_st()))
         return
 
-    from _judged import DATA
+    from tests.fixtures.judged import DATA
 
     data = DATA / "cranfield"
     if not data.is_dir():
