@@ -46,3 +46,39 @@ def test_minmax_fusion_weights_and_missing_docs():
 def test_fusion_returns_numpy_scores():
     _, s = rrf({"x": [1, 2, 3]})
     assert isinstance(s, np.ndarray) and s.dtype == np.float64
+
+
+def test_rrf_over_integer_ids_matches_rrf():
+    from rankmill.retrieval.fusion import rrf_ids
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        runs = [rng.permutation(60)[: rng.integers(0, 40)] for _ in range(rng.integers(1, 4))]
+        w = rng.uniform(0.1, 2, size=len(runs)).tolist() if trial % 2 else None
+        keys, scores = rrf(
+            {str(j): list(r) for j, r in enumerate(runs)},
+            k=10.0,
+            weights=None if w is None else {str(j): x for j, x in enumerate(w)},
+        )
+        ids, got = rrf_ids(runs, k=10.0, weights=w)
+        assert ids.tolist() == [int(x) for x in keys]
+        np.testing.assert_array_equal(got, scores)
+
+
+def test_rrf_of_many_queries_at_once_matches_each_alone():
+    from rankmill.retrieval.fusion import rrf_ids, rrf_rows
+
+    rng = np.random.default_rng(1)
+    runs = []
+    for depth in (30, 12):
+        r = np.full((20, depth), -1, dtype=np.int64)
+        for q in range(20):
+            n = int(rng.integers(0, depth + 1))
+            r[q, :n] = rng.permutation(50)[:n]
+        runs.append(r)
+    ids, scores = rrf_rows(runs, k=5.0, weights=[1.0, 0.5])
+    for q in range(20):
+        want_ids, want = rrf_ids([r[q][r[q] >= 0] for r in runs], k=5.0, weights=[1.0, 0.5])
+        n = len(want_ids)
+        assert ids[q, :n].tolist() == want_ids.tolist() and (ids[q, n:] == -1).all()
+        np.testing.assert_array_equal(scores[q, :n], want)

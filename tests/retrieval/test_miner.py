@@ -164,7 +164,7 @@ def test_corpus_index_is_built_once_and_memory_mapped(tmp_path):
     a.load_index(folder)
     b.load_index(folder)
     assert isinstance(a.emb, np.memmap) and a.emb.filename == b.emb.filename
-    assert isinstance(a.bm25._retriever.scores["data"], np.memmap)
+    assert isinstance(a.bm25.data, np.memmap)
     q = [MineQuery("q", "how do bees make honey", ["bees0"])]
     assert a.mine(q)[0].negative_ids == b.mine(q)[0].negative_ids
     # Another corpus, another folder.

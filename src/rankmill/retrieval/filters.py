@@ -122,7 +122,15 @@ class FilterOutcome:
 
 # -- single rules: each returns a boolean mask, True = skip ---------------------------------------
 def ids_mask(doc_ids: Sequence[str], ids: Collection[str]) -> np.ndarray:
-    """Candidates whose id is in ``ids`` (positives, exclusions)."""
+    """Candidates whose id is in ``ids`` (positives, exclusions); ids may be integers (corpus
+    rows) given as a numpy array."""
+    if isinstance(doc_ids, np.ndarray) and doc_ids.dtype.kind in "iu":
+        if len(ids) > 16:
+            return np.isin(doc_ids, np.fromiter(ids, dtype=np.int64, count=len(ids)))
+        mask = np.zeros(len(doc_ids), dtype=bool)
+        for x in ids:
+            mask |= doc_ids == x
+        return mask
     s = set(ids)
     return np.fromiter((d in s for d in doc_ids), dtype=bool, count=len(doc_ids))
 

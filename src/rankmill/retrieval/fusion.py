@@ -51,6 +51,68 @@ def rrf(
     return _fused_order(keys, [acc[key] for key in keys])
 
 
+def rrf_ids(
+    runs: Sequence[np.ndarray], k: float = 60.0, weights: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rrf` over runs of integer keys (each run's keys distinct), in numpy: the same
+    keys, order and scores (each key's terms added in run order, as :func:`rrf` adds them)."""
+    if k < 0:
+        raise ValueError("rrf k must be >= 0")
+    if not runs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    keys = np.concatenate([np.asarray(r, dtype=np.int64) for r in runs])
+    rank = np.concatenate([np.arange(len(r), dtype=np.int64) for r in runs])
+    run = np.concatenate([np.full(len(r), j, dtype=np.int64) for j, r in enumerate(runs)])
+    w = np.ones(len(runs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    acc = np.bincount(inv, weights=w[run] / (k + rank + 1), minlength=len(uniq))
+    first = np.full(len(uniq), np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, rank * len(runs) + run)  # best (rank, run): first seen
+    order = np.lexsort((first, -acc))
+    return uniq[order], acc[order]
+
+
+def rrf_rows(
+    runs: Sequence[np.ndarray], k: float = 60.0, weights: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rrf_ids` of many queries at once. Each run is an (n_queries, depth) array of
+    non-negative integer keys, -1 padding a row's end; returns (keys, scores), each
+    (n_queries, width), every row what :func:`rrf_ids` gives for that row's runs (-1 and 0
+    pad)."""
+    if k < 0:
+        raise ValueError("rrf k must be >= 0")
+    nq = runs[0].shape[0] if runs else 0
+    span = max((int(r.max(initial=-1)) for r in runs), default=-1) + 1
+    q_parts, key_parts, rank_parts, run_parts = [], [], [], []
+    for j, r in enumerate(runs):
+        valid = r >= 0
+        qi, rank = np.nonzero(valid)
+        q_parts.append(qi)
+        key_parts.append(qi * span + r[valid])
+        rank_parts.append(rank)
+        run_parts.append(np.full(len(qi), j, dtype=np.int64))
+    if not nq or not span:
+        return np.full((nq, 0), -1, dtype=np.int64), np.zeros((nq, 0))
+    key, rank = np.concatenate(key_parts), np.concatenate(rank_parts)
+    run = np.concatenate(run_parts)
+    w = np.ones(len(runs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    # Entries are in run order, so each key's terms are added in run order, as rrf does.
+    uniq, inv = np.unique(key, return_inverse=True)
+    acc = np.bincount(inv, weights=w[run] / (k + rank + 1), minlength=len(uniq))
+    first = np.full(len(uniq), np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, rank * len(runs) + run)
+    q_of = uniq // span
+    order = np.lexsort((first, -acc, q_of))
+    q_of, ids, acc = q_of[order], (uniq % span)[order], acc[order]
+    counts = np.bincount(q_of, minlength=nq)
+    col = np.arange(len(q_of)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[q_of]
+    out_ids = np.full((nq, int(counts.max(initial=0))), -1, dtype=np.int64)
+    out_scores = np.zeros(out_ids.shape)
+    out_ids[q_of, col] = ids
+    out_scores[q_of, col] = acc
+    return out_ids, out_scores
+
+
 def minmax_normalize(scores: Sequence[float]) -> np.ndarray:
     """Scale scores to [0, 1]; a constant list maps to all ones (every item equally good)."""
     s = np.asarray(scores, dtype=np.float64)

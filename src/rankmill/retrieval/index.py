@@ -107,33 +107,76 @@ class DenseIndex:
         return self._faiss.search(q, k)
 
 
+def top_k(
+    scores: np.ndarray, k: int, ids: np.ndarray | None = None, floor: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each row of ``scores`` (m, n), best first, ties by id: ``ids`` (m, n)
+    or the column position. Exact at the cut too: of several candidates tied with the k-th
+    best, those with the smallest ids are kept. ``floor``: ties at or below it need not be
+    exact (scores the caller drops anyway, such as BM25's zeros)."""
+    m, n = scores.shape
+    k = min(k, n)
+    if ids is None:
+        ids = np.broadcast_to(np.arange(n, dtype=np.int64), (m, n))
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        s, i = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+        kth = s.min(axis=1) if k else np.full(m, np.inf, dtype=scores.dtype)
+        check = np.ones(m, dtype=bool) if floor is None else kth > floor
+        if k and check.any():
+            left_out = (scores == kth[:, None]).sum(axis=1) - (s == kth[:, None]).sum(axis=1)
+            for r in np.flatnonzero(check & (left_out > 0)):
+                order = np.lexsort((ids[r], -scores[r]))[:k]
+                s[r], i[r] = scores[r, order], ids[r, order]
+    else:
+        s, i = scores, ids
+    order = np.lexsort((i, -s), axis=-1)
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+# Rounding error bound of a d-term float64 dot product, per unit of |q|·|row|, with room.
+def _bound(d: int) -> float:
+    return (2 * d + 16) * 2.0**-53
+
+
+def exact_scores(block: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(n_queries, n_rows) float32 inner products, each equal to :func:`row_dots` of its row.
+
+    One float64 matrix product gives every score to within a rounding error far below
+    float32's resolution; its float32 rounding is then the exact score unless the error
+    interval straddles a float32 rounding point (about one score in a million), and those
+    few are computed again one by one. So a score never depends on where its row or query
+    sits in a batch, and identical rows score identically."""
+    b = np.asarray(block, dtype=np.float64)
+    q64 = np.asarray(q, dtype=np.float64)
+    s64 = q64 @ b.T
+    err = _bound(b.shape[1]) * np.outer(np.linalg.norm(q64, axis=1), np.linalg.norm(b, axis=1))
+    out = s64.astype(np.float32)
+    unsure = (s64 - err).astype(np.float32) != (s64 + err).astype(np.float32)
+    for r, c in zip(*np.nonzero(unsure), strict=True):
+        out[r, c] = row_dots(b[c : c + 1], q64[r])[0]
+    return out
+
+
 def exact_topk(
     emb: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best rows of ``emb`` by inner product with each query, best first, ties by
-    row; the corpus is read block by block, so a memory-mapped array is never copied whole."""
+    row; the corpus is read block by block, so a memory-mapped array is never copied whole.
+    Scores are :func:`exact_scores`: a query's results do not depend on the queries searched
+    with it."""
     nq = q.shape[0]
     best_s = np.empty((nq, 0), dtype=np.float32)
     best_i = np.empty((nq, 0), dtype=np.int64)
     for start in range(0, emb.shape[0], chunk):
-        block = np.asarray(emb[start : start + chunk], dtype=np.float32)
-        s = np.concatenate([best_s, q @ block.T], axis=1)
+        block = emb[start : start + chunk]
+        s = np.concatenate([best_s, exact_scores(block, q)], axis=1)
         i = np.concatenate(
             [best_i, np.broadcast_to(np.arange(start, start + len(block)), (nq, len(block)))],
             axis=1,
         )
-        if s.shape[1] > k:
-            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, i = np.take_along_axis(s, part, 1), np.take_along_axis(i, part, 1)
-        best_s, best_i = s, i
-    # A matrix product's rounding depends on where a row falls in the batch: re-score the
-    # chosen rows one query at a time, so identical documents tie exactly (broken by row) and
-    # a query's results do not depend on the queries searched with it.
-    for r in range(nq):
-        order = np.argsort(best_i[r])
-        best_s[r, order] = row_dots(emb[best_i[r, order]], q[r])
-    order = np.lexsort((best_i, -best_s), axis=-1)
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+        best_s, best_i = top_k(s, k, ids=i)
+    return best_s, best_i
 
 
 def row_dots(rows: np.ndarray, q: np.ndarray) -> np.ndarray:

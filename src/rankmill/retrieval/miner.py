@@ -8,7 +8,7 @@ directly.
 
 The corpus side is built once and read by every worker: :func:`build_corpus_index` writes a
 folder (the corpus texts as an Arrow file, the embeddings as a ``.npy`` array, the BM25 index
-as bm25s files) and :meth:`Miner.load_index` memory-maps it, so the actors of one machine
+as a few arrays) and :meth:`Miner.load_index` memory-maps it, so the actors of one machine
 share one copy of each in the page cache. :meth:`Miner.index_corpus` does both.
 
 Scores used by the filters are dense cosines (or cross-encoder scores when ``cross_encoder``
@@ -17,6 +17,11 @@ same scale as the positive. With ``retrievers: [bm25]`` no dense model is loaded
 negatives come from the BM25 ranking and the margins compare BM25 scores (or cross-encoder
 scores). Each query's random choices come from a generator seeded by (run seed, query id), so
 results do not depend on how queries are split into work units.
+
+A batch of queries is searched, fused and scored together (numpy over the whole batch); only
+the filters, the sampler and the near-duplicate checks run query by query. Dense scores are
+exact (:func:`rankmill.retrieval.index.exact_scores`), so a query's results are the same
+whatever it is batched with.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pydantic import Field, model_validator
 
 from rankmill.config import Model
 from rankmill.retrieval import fusion
+from rankmill.retrieval.bm25 import FORMAT as BM25_FORMAT
 from rankmill.retrieval.bm25 import BM25Index
 from rankmill.retrieval.cache import EmbeddingCache, text_digest
 from rankmill.retrieval.dense import DEFAULT_MODEL, DenseEncoder
@@ -50,7 +56,7 @@ from rankmill.retrieval.filters import (
     FilterParams,
     filter_candidates,
 )
-from rankmill.retrieval.index import DenseIndex, IndexParams, row_dots
+from rankmill.retrieval.index import DenseIndex, IndexParams, exact_scores, row_dots, top_k
 from rankmill.retrieval.sampling import SamplingParams, sample_negatives
 
 log = logging.getLogger(__name__)
@@ -258,7 +264,9 @@ def index_key(
     parts: dict[str, object] = {
         "docs": text_digest(doc_ids),
         "texts": text_digest(texts),
-        "bm25": [p.bm25_k1, p.bm25_b, p.bm25_stopwords] if "bm25" in p.retrievers else None,
+        "bm25": [p.bm25_k1, p.bm25_b, p.bm25_stopwords, BM25_FORMAT]
+        if "bm25" in p.retrievers
+        else None,
         "dense": encoder.cache_key("document") if encoder is not None else None,
         "device": encoder.device.split(":")[0] if encoder is not None else None,
     }
@@ -413,6 +421,7 @@ class Miner:
             self.rescorer = CrossEncoderScorer(p.cross_encoder, device=p.device)
         self.doc_ids: list[str] = []
         self.row_of: dict[str, int] = {}
+        self._id_array: np.ndarray = np.zeros(0, dtype=object)
         self.texts: pa.Array | None = None
         self.emb: np.ndarray | None = None
         self.dense: DenseIndex | None = None
@@ -458,6 +467,7 @@ class Miner:
         docs = ipc.open_file(pa.memory_map(at(DOCS_FILE))).read_all()
         self.doc_ids = docs.column("doc_id").to_pylist()
         self.row_of = {d: i for i, d in enumerate(self.doc_ids)}
+        self._id_array = np.array(self.doc_ids, dtype=object)
         text = docs.column("text")
         self.texts = text.chunk(0) if text.num_chunks == 1 else text.combine_chunks()
         p = self.params
@@ -480,7 +490,7 @@ class Miner:
         n = len(self.doc_ids)
         out = np.empty(n, dtype=np.float32)
         for s in range(0, n, block):
-            out[s : s + block] = row_dots(self.emb[s : s + block], qv)
+            out[s : s + block] = exact_scores(self.emb[s : s + block], qv[None])[0]
         return out
 
     def _filter(
@@ -488,10 +498,10 @@ class Miner:
         q: MineQuery,
         neg_pool: np.ndarray,
         filter_scores: np.ndarray,
-        pos_ids: list[str],
+        pos_rows: list[int],
         filter_pos: np.ndarray,
         pos_emb: np.ndarray | None,
-    ) -> tuple[FilterOutcome, list[str]]:
+    ) -> FilterOutcome:
         """Run the per-candidate filters over ``neg_pool`` (corpus rows in rank order). Text
         comparisons wait for the sampler: only picks are compared (see :meth:`_mine_one`)."""
         p = self.params
@@ -502,17 +512,16 @@ class Miner:
             sims = (np.asarray(self.emb[neg_pool[order]], dtype=np.float32) @ pos_emb.T).max(axis=1)
             pos_sims = np.empty(len(neg_pool), dtype=np.float32)
             pos_sims[order] = sims
-        neg_doc_ids = [self.doc_ids[j] for j in neg_pool]
-        outcome = filter_candidates(
-            neg_doc_ids,
+        excluded = [self.row_of[d] for d in q.excluded_ids if d in self.row_of]
+        return filter_candidates(
+            np.asarray(neg_pool, dtype=np.int64),
             filter_scores,
             p.filters,
-            positive_ids=pos_ids,
+            positive_ids=pos_rows,
             positive_scores=filter_pos,
-            excluded_ids=q.excluded_ids,
+            excluded_ids=excluded,
             positive_sims=pos_sims,
         )
-        return outcome, neg_doc_ids
 
     # -- queries ---------------------------------------------------------------------------------
     def mine(self, queries: Sequence[MineQuery]) -> list[MinedQuery]:
@@ -537,6 +546,7 @@ class Miner:
                 # BM25 is the filter scale: every document's score (positives, the fallback).
                 bm25_all = self.bm25.all_scores(texts)
                 runs["bm25"] = _top_positive(bm25_all, fused_depth)
+        pools = self._pools(runs, q_emb, depth)
         return [
             self._mine_one(
                 i,
@@ -544,10 +554,65 @@ class Miner:
                 q_emb[i] if q_emb is not None else None,
                 bm25_all[i] if bm25_all is not None else None,
                 runs,
-                depth,
+                pools,
             )
             for i, q in enumerate(queries)
         ]
+
+    def _pools(
+        self, runs: dict[str, tuple[np.ndarray, np.ndarray]], q_emb: np.ndarray | None, depth: int
+    ) -> _Pools:
+        """Every query's fused pool, its members' ranks in each retriever's ranking and their
+        dense scores, computed for the whole batch at once."""
+        p = self.params
+        fused_depth = depth if p.negatives_from == "fused" else min(p.pool_size, depth)
+        ranked = {n: ids[:, :fused_depth] for n, (_, ids) in runs.items()}
+        if len(ranked) == 1:
+            name = next(iter(runs))
+            ids = ranked[name]
+            scores = np.where(ids >= 0, runs[name][0][:, : ids.shape[1]], 0.0).astype(np.float64)
+        elif p.fusion == "rrf":
+            ids, scores = fusion.rrf_rows(list(ranked.values()), k=p.rrf_k)
+        else:
+            w = {"dense": p.dense_weight, "bm25": 1.0 - p.dense_weight}
+            rows = []
+            for i in range(len(next(iter(ranked.values())))):
+                keys, sc = fusion.minmax(
+                    {
+                        n: (list(a[i][a[i] >= 0]), runs[n][0][i][: a.shape[1]][a[i] >= 0])
+                        for n, a in ranked.items()
+                    },
+                    w,
+                )
+                rows.append((np.asarray(keys, dtype=np.int64), sc))
+            width = max((len(k) for k, _ in rows), default=0)
+            ids = np.full((len(rows), width), -1, dtype=np.int64)
+            scores = np.zeros((len(rows), width))
+            for i, (k, sc) in enumerate(rows):
+                ids[i, : len(k)], scores[i, : len(k)] = k, sc
+        ids, scores = ids[:, :fused_depth], scores[:, :fused_depth]
+        k = min(p.pool_size, ids.shape[1])
+        out = _Pools(ids=ids, scores=scores, size=(ids >= 0).sum(axis=1))
+        out.rank_in = {n: _Ranking(a).find(ids[:, :k]) for n, a in ranked.items()}
+        if q_emb is not None and "dense" in runs:
+            # Exact dense cosines of the pool: the ranking's where it has them, else computed.
+            dense_s, dense_ids = runs["dense"]
+            want = ids if p.negatives_from == "fused" else ids[:, :k]
+            at = _Ranking(dense_ids).find(want)
+            qi = np.broadcast_to(np.arange(len(want))[:, None], want.shape)
+            dense = np.zeros(want.shape)
+            hit = at >= 0
+            dense[hit] = dense_s[qi[hit], at[hit]]
+            miss = (want >= 0) & ~hit
+            if miss.any():
+                assert self.emb is not None
+                rows, qs = want[miss], qi[miss]
+                order = np.argsort(rows, kind="stable")
+                vals = np.empty(len(rows), dtype=np.float32)
+                vals[order] = row_dots_pairs(self.emb[rows[order]], q_emb[qs[order]])
+                dense[miss] = vals
+            out.dense = dense
+        return out
 
     def _mine_one(
         self,
@@ -556,38 +621,20 @@ class Miner:
         qv: np.ndarray | None,
         bm25_full: np.ndarray | None,
         runs: dict[str, tuple[np.ndarray, np.ndarray]],
-        depth: int,
+        pools: _Pools,
     ) -> MinedQuery:
         p = self.params
         assert self.texts is not None
-        ranked: dict[str, np.ndarray] = {}
-        scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        fused_depth = depth if p.negatives_from == "fused" else min(p.pool_size, depth)
         dense_full: tuple[np.ndarray, np.ndarray] | None = None
-        for name, (scores, ids) in runs.items():
+        if "dense" in runs:
+            scores, ids = runs["dense"]
             ok = ids[i] >= 0
-            if name == "dense":
-                dense_full = (ids[i][ok], scores[i][ok].astype(np.float64))
-                ok[fused_depth:] = False
-            ranked[name] = ids[i][ok]
-            scored[name] = (ids[i][ok], scores[i][ok])
-        if len(ranked) == 1:
-            name = next(iter(ranked))
-            fused_ids, fused_scores = list(ranked[name]), scored[name][1].astype(np.float64)
-        elif p.fusion == "rrf":
-            fused_ids, fused_scores = fusion.rrf({n: list(v) for n, v in ranked.items()}, k=p.rrf_k)
-        else:
-            w = {"dense": p.dense_weight, "bm25": 1.0 - p.dense_weight}
-            fused_ids, fused_scores = fusion.minmax(
-                {n: (list(a), b) for n, (a, b) in scored.items()}, w
-            )
-        pool = np.asarray(fused_ids[:fused_depth], dtype=np.int64)
-        pool_scores = np.asarray(fused_scores[:fused_depth], dtype=np.float64)
-        k = min(p.pool_size, len(pool))
-        rank_in = {n: {int(d): r for r, d in enumerate(v, start=1)} for n, v in ranked.items()}
-        bm25_score: dict[int, float] = {}
-        if "bm25" in scored:
-            bm25_score = {int(d): float(x) for d, x in zip(*scored["bm25"], strict=True)}
+            dense_full = (ids[i][ok], scores[i][ok].astype(np.float64))
+        size = int(pools.size[i])
+        pool, pool_scores = pools.ids[i, :size], pools.scores[i, :size]
+        k = min(p.pool_size, size)
+        top = pool[:k]
+        rank_in = {n: r[i, :k] for n, r in pools.rank_in.items()}  # 0-based, -1: absent
 
         # Positives by id; a positive missing from the corpus is reported, never matched by text.
         pos_rows = [self.row_of[d] for d in q.positive_ids if d in self.row_of]
@@ -595,41 +642,49 @@ class Miner:
         missing = [d for d in q.positive_ids if d not in self.row_of]
         pos_emb: np.ndarray | None = None
         if qv is not None:
-            # Dense cosines for the whole pool and the positives: the filter scale.
-            dense_scores = np.zeros(len(pool))
-            if len(pool):
-                order = np.argsort(pool)
-                dense_scores[order] = row_dots(self.emb[pool[order]], qv)
+            # Dense cosines are the filter scale, for the pool and the positives.
+            assert self.emb is not None and dense_full is not None
+            assert pools.dense is not None
+            dense_scores = pools.dense[i, : size if p.negatives_from == "fused" else k]
             pos_emb = np.asarray(self.emb[np.sort(pos_rows)], np.float32) if pos_rows else None
             pos_scores = (
                 row_dots(self.emb[pos_rows], qv).astype(np.float64) if pos_rows else np.zeros(0)
             )
-            dense_col: list[float | None] = [float(s) for s in dense_scores[:k]]
+            dense_col: list[float | None] = dense_scores[:k].tolist()
         else:
             assert bm25_full is not None
             dense_scores = pool_scores
             pos_scores = bm25_full[pos_rows].astype(np.float64) if pos_rows else np.zeros(0)
             dense_col = [None] * k
 
-        pool_doc_ids = [self.doc_ids[j] for j in pool[:k]]
+        names = [n for n in ("bm25", "dense") if n in rank_in]
+        found = {n: rank_in[n] >= 0 for n in names}
+        retrievers = np.full(k, "", dtype=object)
+        for n in names:
+            retrievers = np.where(
+                found[n], np.where(retrievers == "", n, retrievers + "+" + n), retrievers
+            )
+
+        def ranks_of(n: str) -> list[int | None]:
+            if n not in rank_in:
+                return [None] * k
+            return _or_none(rank_in[n] + 1, rank_in[n] < 0)
+
+        bm25_col: list[float | None] = [None] * k
+        if "bm25" in rank_in:
+            at = rank_in["bm25"]
+            bm25_col = _or_none(runs["bm25"][0][i][np.maximum(at, 0)].astype(np.float64), at < 0)
         out = MinedQuery(
             query_id=q.query_id,
-            candidate_ids=pool_doc_ids,
-            candidate_scores=[float(s) for s in pool_scores[:k]],
-            bm25_ranks=[
-                rank_in["bm25"].get(int(j)) if "bm25" in rank_in else None for j in pool[:k]
-            ],
-            bm25_scores=[bm25_score.get(int(j)) for j in pool[:k]],
-            dense_ranks=[
-                rank_in["dense"].get(int(j)) if "dense" in rank_in else None for j in pool[:k]
-            ],
+            candidate_ids=self._ids(top),
+            candidate_scores=pool_scores[:k].tolist(),
+            bm25_ranks=ranks_of("bm25"),
+            bm25_scores=bm25_col,
+            dense_ranks=ranks_of("dense"),
             dense_scores=dense_col,
-            retrievers=[
-                "+".join(n for n in ("bm25", "dense") if n in rank_in and int(j) in rank_in[n])
-                for j in pool[:k]
-            ],
+            retrievers=retrievers.tolist(),
             positive_ids=pos_ids,
-            positive_scores=[float(s) for s in pos_scores],
+            positive_scores=pos_scores.tolist(),
             missing_positive_ids=missing,
         )
         if not pos_ids:
@@ -654,9 +709,7 @@ class Miner:
                 q.text, [self.texts[int(j)].as_py() for j in neg_pool]
             )
             filter_pos = self.rescorer.score(q.text, [self.texts[r].as_py() for r in pos_rows])
-        outcome, neg_doc_ids = self._filter(
-            q, neg_pool, filter_scores, pos_ids, filter_pos, pos_emb
-        )
+        outcome = self._filter(q, neg_pool, filter_scores, pos_rows, filter_pos, pos_emb)
         if not len(outcome.kept) and self.rescorer is None and len(neg_pool) < len(self.doc_ids):
             # Nothing in the mining depth scores below a weak positive: rank the whole corpus
             # for this query (a rare, linear-cost fallback) rather than lose it.
@@ -669,9 +722,7 @@ class Miner:
                 neg_pool = np.argsort(-full_scores, kind="stable")
                 neg_pool = neg_pool[full_scores[neg_pool] > 0]  # a zero BM25 score is no evidence
             neg_scores = filter_scores = full_scores[neg_pool].astype(np.float64)
-            outcome, neg_doc_ids = self._filter(
-                q, neg_pool, filter_scores, pos_ids, filter_pos, pos_emb
-            )
+            outcome = self._filter(q, neg_pool, filter_scores, pos_rows, filter_pos, pos_emb)
             out.full_ranking = True
         out.considered = len(neg_pool)
         out.skipped = outcome.counts()
@@ -703,31 +754,88 @@ class Miner:
             ranks,
             p.num_negatives,
             p.sampling,
-            query_rng(self.seed, q.query_id),
+            query_rng(self.seed, q.query_id) if p.sampling.random() else None,
             is_duplicate if guard is not None else None,
         )
         out.skipped.update(text_skips)
         sel = kept[chosen]
-        out.negative_ids = [neg_doc_ids[j] for j in sel]
-        out.negative_scores = [float(filter_scores[j]) for j in sel]
-        out.negative_ranks = [int(j) + 1 for j in sel]
+        out.negative_ids = self._ids(neg_pool[sel])
+        out.negative_scores = np.asarray(filter_scores, dtype=np.float64)[sel].tolist()
+        out.negative_ranks = (sel + 1).tolist()
         if not out.negative_ids:
             out.reject = "no_negative"
             out.detail = f"all {len(neg_pool)} candidates were filtered: {out.skipped}"
         return out
+
+    def _ids(self, rows: np.ndarray) -> list[str]:
+        return self._id_array[rows].tolist()
+
+
+def _or_none(values: np.ndarray, missing: np.ndarray) -> list:  # type: ignore[type-arg]
+    """``values`` as a list of Python numbers, None where ``missing``."""
+    out = values.astype(object)
+    out[missing] = None
+    return out.tolist()
+
+
+@dataclass
+class _Pools:
+    """A batch's fused pools: ids (-1 pads) and fused scores per query, best first."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    size: np.ndarray
+    rank_in: dict[str, np.ndarray] = field(default_factory=dict)  # top pool_size, -1 absent
+    dense: np.ndarray | None = None  # exact dense scores of the pool (or its top pool_size)
+
+
+class _Ranking:
+    """Where (query, row) pairs sit in a batch of rankings (n_queries, depth; -1 pads)."""
+
+    def __init__(self, ids: np.ndarray):
+        nq, depth = ids.shape
+        self.span = int(ids.max(initial=-1)) + 1
+        valid = ids >= 0
+        qi, pos = np.nonzero(valid)
+        self.table: np.ndarray | None = None
+        if nq * self.span <= 1 << 24:  # small: a position table, no sorting
+            self.table = np.full((nq, self.span), -1, dtype=np.int64)
+            self.table[qi, ids[valid]] = pos
+            return
+        keys = qi * self.span + ids[valid]
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.pos = keys[order], pos[order]
+
+    def find(self, rows: np.ndarray) -> np.ndarray:
+        """The position of each of ``rows`` (n_queries, m) in its query's ranking, -1 if absent."""
+        inside = (rows >= 0) & (rows < self.span)
+        if self.table is not None:
+            qi = np.broadcast_to(np.arange(rows.shape[0])[:, None], rows.shape)
+            return np.where(inside, self.table[qi, np.where(inside, rows, 0)], -1)
+        if not len(self.keys):
+            return np.full(rows.shape, -1, dtype=np.int64)
+        keys = np.arange(rows.shape[0])[:, None] * self.span + rows
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        hit = (self.keys[at] == keys) & inside
+        return np.where(hit, self.pos[at], -1)
+
+
+def row_dots_pairs(rows: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """:func:`row_dots` of each row with its own query (``rows`` and ``qs`` aligned)."""
+    a = np.asarray(rows, dtype=np.float64)
+    return (a * np.asarray(qs, dtype=np.float64)).sum(axis=-1).astype(np.float32)
 
 
 def _top_positive(all_scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of each query's ``k`` best documents with a positive score, best first,
     ties by corpus position; -1 pads."""
     n = len(all_scores)
+    if not n:
+        return np.zeros((0, k), dtype=np.float32), np.full((0, k), -1, dtype=np.int64)
+    s, ids = top_k(np.stack(all_scores), k, floor=0.0)
     scores = np.zeros((n, k), dtype=np.float32)
-    ids = np.full((n, k), -1, dtype=np.int64)
-    for i, s in enumerate(all_scores):
-        hit = np.flatnonzero(s > 0)
-        if len(hit) > k:
-            hit = hit[np.argpartition(-s[hit], k - 1)[:k]]
-        hit = hit[np.lexsort((hit, -s[hit]))]
-        scores[i, : len(hit)] = s[hit]
-        ids[i, : len(hit)] = hit
-    return scores, ids
+    out = np.full((n, k), -1, dtype=np.int64)
+    hit = s > 0
+    scores[:, : s.shape[1]] = np.where(hit, s, 0.0)
+    out[:, : s.shape[1]] = np.where(hit, ids, -1)
+    return scores, out

@@ -74,6 +74,12 @@ class SamplingParams(Model):
             raise ValueError("range_max must be greater than range_min")
         return self
 
+    def random(self) -> bool:
+        """Whether choosing draws random numbers (else the ``rng`` may be None)."""
+        return self.strategy == "random" or (
+            self.strategy == "stratified" and any(s.pick == "random" for s in self.strata)
+        )
+
     def depth(self, pool_size: int) -> int:
         """How deep retrieval must go for this sampler to see every rank it may pick."""
         need = self.range_max or pool_size
@@ -106,12 +112,14 @@ def sample_negatives(
     ranks: np.ndarray,
     num: int,
     params: SamplingParams,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     reject: Reject | None = None,
 ) -> np.ndarray:
     """Pick up to ``num`` positions of ``ranks`` (the surviving candidates' 1-based pool
     ranks); returns the chosen positions sorted by rank."""
     ranks = np.asarray(ranks, dtype=np.int64)
+    if rng is None and params.random():
+        raise ValueError(f"{params.strategy} sampling needs a random generator")
     if num <= 0 or ranks.size == 0:
         return np.zeros(0, dtype=np.int64)
     in_range = ranks > params.range_min
@@ -124,6 +132,7 @@ def sample_negatives(
     if params.strategy == "top":
         chosen = _take(eligible, num, reject, taken)
     elif params.strategy == "random":
+        assert rng is not None
         chosen = _take(rng.permutation(eligible), num, reject, taken)
     else:
         for band in params.strata:
@@ -133,6 +142,7 @@ def sample_negatives(
             lo, hi = band.ranks
             members = eligible[(ranks[eligible] >= lo) & (ranks[eligible] <= hi)]
             if band.pick == "random":
+                assert rng is not None
                 members = rng.permutation(members)
             chosen += _take(members, min(band.count, left), reject, taken)
         if len(chosen) < num:  # thin bands: backfill best-ranked first

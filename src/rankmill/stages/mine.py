@@ -232,7 +232,7 @@ class MineStage(Stage):
     """Candidate pools (BM25 + dense, fused) and filtered hard negatives per query."""
 
     name = "mine"
-    version = "2"
+    version = "3"
     Params = MineParams
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"qrels": QRELS, "exclusions": EXCLUSIONS}
