@@ -65,16 +65,20 @@ def prepare_docs(
     wanted: dict[str, list[str] | None],
     doc_ids: Callable[[dict[str, pa.Table]], Iterable[str]],
 ) -> StepOutput:
-    """The prepare step of a stage whose units name documents: read the inputs its plan reads
-    (``wanted``, the stage's ``plan_inputs``, the corpus as ids), ask ``doc_ids`` which
-    documents its pairs name, and write those (:func:`write_docs`) for the actors to map."""
-    corpus = step.read_input("corpus", columns=DOC_COLUMNS)
+    """The prepare step of a stage whose units name documents: read the inputs ``wanted``
+    names (the stage's ``plan_inputs``: the corpus as ids, or the corpus columns ``doc_ids``
+    needs), ask ``doc_ids`` which documents its work names, and write those
+    (:func:`write_docs`, in corpus order) for the actors to map."""
+    chooses_by = wanted.get("corpus") or ["doc_id"]
+    corpus = step.read_input(
+        "corpus", columns=DOC_COLUMNS + [c for c in chooses_by if c not in DOC_COLUMNS]
+    )
     inputs = {
         name: step.read_input(name, columns)
         for name, columns in wanted.items()
         if name != "corpus" and step.has_input(name)
     }
-    inputs["corpus"] = corpus.select(["doc_id"])
+    inputs["corpus"] = corpus.select(chooses_by)
     path = os.path.join(step.work_dir, DOCS_FILE)
     counters = Counters()
     counters.extra["documents"] = float(write_docs(corpus, path, only=doc_ids(inputs)))
@@ -113,6 +117,11 @@ class DocStore:
             zip(picked.column("title").to_pylist(), picked.column("text").to_pylist(), strict=True)
         )
         return [None if i is None else next(hits) for i in rows]
+
+    def rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """The documents at positions ``start`` to ``stop`` (excluded) of the file, in its
+        order, as ``{doc_id, title, text}``; fewer, or none, past its end."""
+        return self._open().slice(start, max(0, stop - start)).to_pylist()
 
     def fill(self, rows: Sequence[dict[str, Any]]) -> None:
         """Set ``doc_title`` and ``doc_text`` of each row that has no ``doc_text`` from its
