@@ -12,7 +12,7 @@ import pytest
 
 from rankmill.prompting import render_messages
 from rankmill.stage import load_prompt
-from rankmill.stages.label import label_messages
+from rankmill.stages.label import document_text, label_messages
 from rankmill.stages.queries import clean_query
 from rankmill.stages.rank import rank_messages
 from tests.fixtures.pairs import TOPICS
@@ -122,6 +122,46 @@ def test_clean_query_takes_the_question_line() -> None:
 
 
 # -- queries ---------------------------------------------------------------------------------
+def test_queries_plans_from_document_ids_and_its_units_name_positions_in_the_sample(
+    tmp_path,
+) -> None:
+    from rankmill.stages.queries import QueriesStage
+
+    t = _source(n_queries=6, copy_first=True)
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=5, docs_per_unit=2)
+    wanted = stage.plan_inputs()
+    assert wanted is not None and wanted["corpus"] == ["doc_id"]
+    inputs = {"corpus": t["corpus"].select(["doc_id"]), "queries": t["queries"]}
+    units = stage.plan(inputs)
+    docs = [u for u in units if u.meta["kind"] == "docs"]
+    # the prepare step draws the sample; a unit names positions in it and carries no table
+    assert [(u.meta["start"], u.meta["stop"]) for u in docs] == [(0, 2), (2, 4), (4, 5)]
+    assert all(not u.tables for u in docs)
+    _no_document_text(units, t["corpus"])
+    # more documents asked for than the corpus has: as many positions as documents
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=50, docs_per_unit=4)
+    docs = [u for u in stage.plan(inputs) if u.meta["kind"] == "docs"]
+    assert [(u.meta["start"], u.meta["stop"]) for u in docs] == [(0, 4), (4, 7)]
+    # a stratum column the corpus schema does not declare is read while planning, so a
+    # missing one fails there
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", stratify_by="topic")
+    assert stage.plan_inputs()["corpus"] == ["doc_id", "topic"]
+
+
+def test_the_queries_sample_never_holds_a_document_without_text(tmp_path) -> None:
+    from rankmill.stages.queries import QueriesStage
+    from rankmill.synthesis import sample_documents
+
+    ids = [f"d{i}" for i in range(12)]
+    texts = ["  \n" if i % 3 == 0 else f"text {i}" for i in range(12)]
+    corpus = pa.table({"doc_id": ids, "title": [None] * 12, "text": texts})
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=5)
+    picks = stage._sample(corpus)
+    blank = {d for d, x in zip(ids, texts, strict=True) if not x.strip()}
+    assert len(picks) == 5 and not set(picks) & blank
+    assert picks == sample_documents(ids, 5, 5, exclude=blank)  # the run seed
+
+
 @pytest.mark.slow
 def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_session) -> None:
     from tests.fixtures.teacher_server import TeacherServer
@@ -153,6 +193,14 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     # 7 documents x 2 templates, plus keyword rewrites of the queries that allow one; the
     # copy's prompts equal the original's, so the journal answers them without a request.
     assert tasks["question"] == 6 and tasks["reasoning_query"] == 6
+    # Each document question is written from its own document, as the prompt showed it
+    # (title and text, cut to doc_max_chars): documents by reference reach the right unit.
+    corpus = {d["doc_id"]: d for d in rd.read_table("source", "corpus").to_pylist()}
+    for r in rd.read_table("queries", "lineage").to_pylist():
+        if r["kind"] == "question":
+            d = corpus[r["source_doc_id"]]
+            doc, _ = document_text(d["title"], d["text"], 1500)
+            assert r["text"] == "what about " + " ".join(content_words(doc)[:6])
     assert len(lineage) == 14 + tasks["keywords"]
     rewritable = [q for _, q, _ in TOPICS if not q.startswith(("why", "what causes"))]
     assert tasks["keywords"] == len(rewritable) == 4
@@ -192,8 +240,9 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     assert c.llm_calls + c.llm_cached == len(lineage) and c.llm_cached == 2
     assert c.rejects == {"contaminated": 1}  # per unit; the finalize step counts its own
     plan, _ = rd.stage_status("queries")
-    (step,) = rd.step_records("queries", plan)
-    assert step.counters.rejects == {"duplicate_exact": 2}
+    steps = {rec.unit_id: rec for rec in rd.step_records("queries", plan)}
+    assert steps["step:prepare"].counters.extra["documents"] == 7  # the sample, by reference
+    assert steps["step:finalize"].counters.rejects == {"duplicate_exact": 2}
 
 
 # -- label as a reasoning teacher ------------------------------------------------------------
