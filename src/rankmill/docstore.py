@@ -1,15 +1,21 @@
-"""Documents by reference: a stage's ``prepare`` step writes the corpus once as an uncompressed
-Arrow file, and every actor memory-maps it and looks documents up by id.
+"""Documents by reference: a stage's ``prepare`` step writes the documents its work names
+once, as an uncompressed Arrow file, and every actor memory-maps it and looks them up by id.
 
-Stages whose work units would otherwise carry document texts (``label``, ``judge``) plan from
-document ids alone: the driver never holds the texts, and units stay a few ids long. A change
-of a text still re-runs such a stage, whose fingerprint holds the corpus's committed content.
+Stages whose work units would otherwise carry document texts (``label``, ``judge``, ``rank``,
+``queries``) plan without them: the driver never holds the texts, and units stay a few ids
+long. A change of a text still re-runs such a stage, whose fingerprint holds the corpus's
+committed content.
 
     # prepare (on a worker): the documents the pairs name, found from the plan's inputs
     return prepare_docs(step, self.plan_inputs(), lambda inputs: ids_of(self._pairs(inputs)))
     # setup and process (on each actor; opened on first use, shared by the actor's threads)
     self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
     self._docs.fill(rows)  # doc_title/doc_text of each row without a text
+    self._docs.lookup(doc_ids)  # (title, text) per id, None for an id the file lacks
+
+A stage whose choice of documents needs their texts (``queries`` samples only documents with
+text) makes that choice in its ``prepare`` step, from the corpus columns it names to
+:func:`prepare_docs`; its units then name positions in the file (:meth:`DocStore.rows`).
 """
 
 from __future__ import annotations
