@@ -58,6 +58,17 @@ def test_fill_sets_the_texts_of_rows_without_one(tmp_path):
     ]
 
 
+def test_documents_by_position_in_file_order(tmp_path):
+    corpus = pa.table({"doc_id": ["c", "a", "c", "b"], "text": ["z", "x", "z2", "y"]})
+    path = str(tmp_path / "docs.arrow")
+    assert write_docs(corpus, path, only=["a", "b", "c"]) == 3
+    store = DocStore(lambda: path)
+    assert [d["doc_id"] for d in store.rows(0, 9)] == ["c", "a", "b"]  # corpus order, first rows
+    assert store.rows(1, 2) == [{"doc_id": "a", "title": None, "text": "x"}]
+    assert store.rows(2, 4) == [{"doc_id": "b", "title": None, "text": "y"}]  # past the end
+    assert store.rows(3, 5) == []
+
+
 def test_a_corpus_without_titles(tmp_path):
     path = str(tmp_path / "docs.arrow")
     write_docs(pa.table({"doc_id": ["a"], "text": ["x"]}), path)

@@ -1,15 +1,21 @@
-"""Documents by reference: a stage's ``prepare`` step writes the corpus once as an uncompressed
-Arrow file, and every actor memory-maps it and looks documents up by id.
+"""Documents by reference: a stage's ``prepare`` step writes the documents its work names
+once, as an uncompressed Arrow file, and every actor memory-maps it and looks them up by id.
 
-Stages whose work units would otherwise carry document texts (``label``, ``judge``) plan from
-document ids alone: the driver never holds the texts, and units stay a few ids long. A change
-of a text still re-runs such a stage, whose fingerprint holds the corpus's committed content.
+Stages whose work units would otherwise carry document texts (``label``, ``judge``, ``rank``,
+``queries``) plan without them: the driver never holds the texts, and units stay a few ids
+long. A change of a text still re-runs such a stage, whose fingerprint holds the corpus's
+committed content.
 
     # prepare (on a worker): the documents the pairs name, found from the plan's inputs
     return prepare_docs(step, self.plan_inputs(), lambda inputs: ids_of(self._pairs(inputs)))
     # setup and process (on each actor; opened on first use, shared by the actor's threads)
     self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
     self._docs.fill(rows)  # doc_title/doc_text of each row without a text
+    self._docs.lookup(doc_ids)  # (title, text) per id, None for an id the file lacks
+
+A stage whose choice of documents needs their texts (``queries`` samples only documents with
+text) makes that choice in its ``prepare`` step, from the corpus columns it names to
+:func:`prepare_docs`; its units then name positions in the file (:meth:`DocStore.rows`).
 """
 
 from __future__ import annotations
@@ -65,16 +71,20 @@ def prepare_docs(
     wanted: dict[str, list[str] | None],
     doc_ids: Callable[[dict[str, pa.Table]], Iterable[str]],
 ) -> StepOutput:
-    """The prepare step of a stage whose units name documents: read the inputs its plan reads
-    (``wanted``, the stage's ``plan_inputs``, the corpus as ids), ask ``doc_ids`` which
-    documents its pairs name, and write those (:func:`write_docs`) for the actors to map."""
-    corpus = step.read_input("corpus", columns=DOC_COLUMNS)
+    """The prepare step of a stage whose units name documents: read the inputs ``wanted``
+    names (the stage's ``plan_inputs``: the corpus as ids, or the corpus columns ``doc_ids``
+    needs), ask ``doc_ids`` which documents its work names, and write those
+    (:func:`write_docs`, in corpus order) for the actors to map."""
+    chooses_by = wanted.get("corpus") or ["doc_id"]
+    corpus = step.read_input(
+        "corpus", columns=DOC_COLUMNS + [c for c in chooses_by if c not in DOC_COLUMNS]
+    )
     inputs = {
         name: step.read_input(name, columns)
         for name, columns in wanted.items()
         if name != "corpus" and step.has_input(name)
     }
-    inputs["corpus"] = corpus.select(["doc_id"])
+    inputs["corpus"] = corpus.select(chooses_by)
     path = os.path.join(step.work_dir, DOCS_FILE)
     counters = Counters()
     counters.extra["documents"] = float(write_docs(corpus, path, only=doc_ids(inputs)))
@@ -113,6 +123,11 @@ class DocStore:
             zip(picked.column("title").to_pylist(), picked.column("text").to_pylist(), strict=True)
         )
         return [None if i is None else next(hits) for i in rows]
+
+    def rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """The documents at positions ``start`` to ``stop`` (excluded) of the file, in its
+        order, as ``{doc_id, title, text}``; fewer, or none, past its end."""
+        return self._open().slice(start, max(0, stop - start)).to_pylist()
 
     def fill(self, rows: Sequence[dict[str, Any]]) -> None:
         """Set ``doc_title`` and ``doc_text`` of each row that has no ``doc_text`` from its

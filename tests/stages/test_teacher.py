@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pytest
 
 from rankmill.prompting import render_messages
 from rankmill.stage import load_prompt
-from rankmill.stages.label import label_messages
+from rankmill.stages.label import document_text, label_messages
 from rankmill.stages.queries import clean_query
 from rankmill.stages.rank import rank_messages
 from tests.fixtures.pairs import TOPICS
@@ -36,6 +37,33 @@ def _counters(rd, stage: str):
     for rec in rd.stage_status(stage)[1]:
         total.add(rec.counters)
     return total
+
+
+def _source(**params) -> dict[str, pa.Table]:
+    """The tables the teacher source writes (corpus, queries, qrels, candidates)."""
+    from rankmill.stage import StageContext
+    from tests.fixtures.teacher_source import TeacherSource
+
+    ctx = StageContext(run_dir="unused", stage_name="source", stage_type="teacher_source")
+    src = TeacherSource(TeacherSource.Params(**params), ctx)
+    (unit,) = src.plan({})
+    return src.process(unit).tables
+
+
+def _stage(cls, run_dir, **params):
+    from rankmill.stage import StageContext
+
+    ctx = StageContext(run_dir=str(run_dir), stage_name=cls.name, stage_type=cls.name, seed=5)
+    return cls(cls.Params(**params), ctx)
+
+
+def _no_document_text(units, corpus: pa.Table) -> None:
+    """No text of ``corpus`` appears anywhere in the units (their tables and meta)."""
+    blob = json.dumps(
+        [[t.to_pylist() for t in u.tables.values()] + [u.meta] for u in units], default=str
+    )
+    for text in corpus.column("text").to_pylist():
+        assert text not in blob
 
 
 def _pipeline(url: str, source: dict | None = None, **stages: dict) -> dict:
@@ -94,6 +122,46 @@ def test_clean_query_takes_the_question_line() -> None:
 
 
 # -- queries ---------------------------------------------------------------------------------
+def test_queries_plans_from_document_ids_and_its_units_name_positions_in_the_sample(
+    tmp_path,
+) -> None:
+    from rankmill.stages.queries import QueriesStage
+
+    t = _source(n_queries=6, copy_first=True)
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=5, docs_per_unit=2)
+    wanted = stage.plan_inputs()
+    assert wanted is not None and wanted["corpus"] == ["doc_id"]
+    inputs = {"corpus": t["corpus"].select(["doc_id"]), "queries": t["queries"]}
+    units = stage.plan(inputs)
+    docs = [u for u in units if u.meta["kind"] == "docs"]
+    # the prepare step draws the sample; a unit names positions in it and carries no table
+    assert [(u.meta["start"], u.meta["stop"]) for u in docs] == [(0, 2), (2, 4), (4, 5)]
+    assert all(not u.tables for u in docs)
+    _no_document_text(units, t["corpus"])
+    # more documents asked for than the corpus has: as many positions as documents
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=50, docs_per_unit=4)
+    docs = [u for u in stage.plan(inputs) if u.meta["kind"] == "docs"]
+    assert [(u.meta["start"], u.meta["stop"]) for u in docs] == [(0, 4), (4, 7)]
+    # a stratum column the corpus schema does not declare is read while planning, so a
+    # missing one fails there
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", stratify_by="topic")
+    assert stage.plan_inputs()["corpus"] == ["doc_id", "topic"]
+
+
+def test_the_queries_sample_never_holds_a_document_without_text(tmp_path) -> None:
+    from rankmill.stages.queries import QueriesStage
+    from rankmill.synthesis import sample_documents
+
+    ids = [f"d{i}" for i in range(12)]
+    texts = ["  \n" if i % 3 == 0 else f"text {i}" for i in range(12)]
+    corpus = pa.table({"doc_id": ids, "title": [None] * 12, "text": texts})
+    stage = _stage(QueriesStage, tmp_path, endpoint="teacher", num_docs=5)
+    picks = stage._sample(corpus)
+    blank = {d for d, x in zip(ids, texts, strict=True) if not x.strip()}
+    assert len(picks) == 5 and not set(picks) & blank
+    assert picks == sample_documents(ids, 5, 5, exclude=blank)  # the run seed
+
+
 @pytest.mark.slow
 def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_session) -> None:
     from tests.fixtures.teacher_server import TeacherServer
@@ -125,6 +193,14 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     # 7 documents x 2 templates, plus keyword rewrites of the queries that allow one; the
     # copy's prompts equal the original's, so the journal answers them without a request.
     assert tasks["question"] == 6 and tasks["reasoning_query"] == 6
+    # Each document question is written from its own document, as the prompt showed it
+    # (title and text, cut to doc_max_chars): documents by reference reach the right unit.
+    corpus = {d["doc_id"]: d for d in rd.read_table("source", "corpus").to_pylist()}
+    for r in rd.read_table("queries", "lineage").to_pylist():
+        if r["kind"] == "question":
+            d = corpus[r["source_doc_id"]]
+            doc, _ = document_text(d["title"], d["text"], 1500)
+            assert r["text"] == "what about " + " ".join(content_words(doc)[:6])
     assert len(lineage) == 14 + tasks["keywords"]
     rewritable = [q for _, q, _ in TOPICS if not q.startswith(("why", "what causes"))]
     assert tasks["keywords"] == len(rewritable) == 4
@@ -164,8 +240,9 @@ def test_queries_stage_writes_filters_and_traces_every_query(tmp_path, ray_sessi
     assert c.llm_calls + c.llm_cached == len(lineage) and c.llm_cached == 2
     assert c.rejects == {"contaminated": 1}  # per unit; the finalize step counts its own
     plan, _ = rd.stage_status("queries")
-    (step,) = rd.step_records("queries", plan)
-    assert step.counters.rejects == {"duplicate_exact": 2}
+    steps = {rec.unit_id: rec for rec in rd.step_records("queries", plan)}
+    assert steps["step:prepare"].counters.extra["documents"] == 7  # the sample, by reference
+    assert steps["step:finalize"].counters.rejects == {"duplicate_exact": 2}
 
 
 # -- label as a reasoning teacher ------------------------------------------------------------
@@ -226,6 +303,74 @@ def test_reasoning_and_score_teachers_with_repairs_and_consensus(tmp_path, ray_s
 
 
 # -- rank --------------------------------------------------------------------------------------
+def test_rank_plans_from_document_ids_and_its_units_name_documents(tmp_path) -> None:
+    from rankmill.stages.rank import RankStage
+
+    t = _source(n_queries=4)
+    pools = t["candidates"].to_pylist()
+    pools[0]["doc_ids"].insert(1, "d-missing")  # a candidate the corpus lacks
+    t["candidates"] = pa.Table.from_pylist(pools, schema=t["candidates"].schema)
+    stage = _stage(RankStage, tmp_path, endpoint="teacher", queries_per_unit=3)
+    wanted = stage.plan_inputs()
+    assert wanted is not None and wanted["corpus"] == ["doc_id"]
+    inputs = {name: t[name].select(cols) for name, cols in wanted.items() if name in t}
+    units = stage.plan(inputs)
+    planned = [r for u in units for r in u.tables["pools"].to_pylist()]
+    # the pools as before: in query order, without the candidate the corpus lacks
+    by_query = {p["query_id"]: [d for d in p["doc_ids"] if d != "d-missing"] for p in pools}
+    assert [(r["query_id"], r["doc_ids"]) for r in planned] == sorted(by_query.items())
+    assert all(r["problem"] is None and r["query_text"] for r in planned)
+    assert not {"doc_titles", "doc_texts"} & set(units[0].tables["pools"].column_names)
+    _no_document_text(units, t["corpus"])
+
+
+def test_a_pool_document_missing_from_the_docs_file_is_a_reject(tmp_path) -> None:
+    """The docs file is written from the same inputs as the plan, so it holds every document
+    a unit names; were one missing, it is a reject and the rest of its pool is ranked."""
+    import pyarrow.compute as pc
+
+    from rankmill.docstore import DOCS_FILE, write_docs
+    from rankmill.manifest import Counters, RunDir
+    from rankmill.stages.rank import RankStage
+    from tests.fixtures.teacher_server import TeacherServer
+
+    t = _source(n_queries=3)
+    with TeacherServer() as srv:
+        stage = _stage(
+            RankStage, tmp_path / "run", endpoint="teacher", window=2, step=1, min_ndcg=0.0
+        )
+        stage.ctx.endpoints = {"teacher": {"base_url": srv.base_url, "model": "scripted"}}
+        stage.ctx.prompts = stage.prompt_texts()
+        (unit,) = stage.plan(t)
+        # the prepare step's file, committed without d-rice (in every pool)
+        corpus = t["corpus"].filter(pc.not_equal(t["corpus"].column("doc_id"), "d-rice"))
+        path = str(tmp_path / DOCS_FILE)
+        write_docs(corpus, path)
+        RunDir(str(tmp_path / "run")).commit_unit(
+            "rank", "step:prepare", "fp-prepare", {}, Counters(), {DOCS_FILE: path}, step=True
+        )
+        stage.ctx.steps = {"prepare": "fp-prepare"}
+        stage.setup()
+        try:
+            out = stage.process(unit)
+        finally:
+            stage.teardown()
+    rejects = out.tables["rejects"].to_pylist()
+    missing = [r for r in rejects if r["reason"] == "unknown_doc_id"]
+    assert [(r["query_id"], r["doc_id"], r["row_id"]) for r in missing] == [
+        (q, "d-rice", f"{q}|d-rice") for q in ("q-bm25", "q-rice", "q-vaccines")
+    ]
+    rankings = {r["query_id"]: r for r in out.tables["rankings"].to_pylist()}
+    assert {q: r["input_doc_ids"] for q, r in rankings.items()} == {
+        "q-bm25": ["d-vaccines", "d-bm25"],
+        "q-rice": ["d-bm25", "d-vaccines"],
+        "q-vaccines": ["d-bm25", "d-vaccines"],
+    }
+    assert rankings["q-bm25"]["doc_ids"] == ["d-bm25", "d-vaccines"]  # ranked by the teacher
+    assert rankings["q-rice"]["ndcg10"] == 0.0  # its relevant document was never shown
+    assert "d-rice" not in json.dumps(out.tables["windows"].to_pylist())
+
+
 @pytest.mark.slow
 def test_rank_stage_windows_repairs_and_self_consistency(tmp_path, ray_session) -> None:
     from tests.fixtures.teacher_server import TeacherServer
@@ -248,6 +393,9 @@ def test_rank_stage_windows_repairs_and_self_consistency(tmp_path, ray_session) 
         assert r["ndcg10"] >= 0.4 and r["relevance_from"] == "qrels" and r["windows"] == 2
         # The relevant (own) document started last; the scripted teacher moved it to the top.
         assert r["doc_ids"][0] == "d-" + q[2:]
+    plan, _ = rd.stage_status("rank")
+    (prepare,) = rd.step_records("rank", plan)
+    assert prepare.counters.extra["documents"] == 6  # the pools' documents, by reference
     for rej in rejects:
         assert rej["reason"] == "self_consistency"
         assert json.loads(rej["detail"])["ndcg10"] < 0.4

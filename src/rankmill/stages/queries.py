@@ -27,7 +27,14 @@ those of keyword queries), ``lineage`` (every query written, kept or not: source
 template, prompt hash, teacher model, parent query, seed, round-trip rank, status) and
 ``synthetic_negatives``. Units write what they keep to ``drafts`` and ``draft_negatives``;
 the ``finalize`` step deduplicates the drafts of all units against each other and writes the
-kept queries, their judgments, lineage and negatives::
+kept queries, their judgments, lineage and negatives.
+
+Documents travel by reference (:mod:`rankmill.docstore`): the driver plans from document ids
+alone. Drawing the sample takes the texts (a document without text is never drawn), so the
+``prepare`` step draws it and writes the sampled documents, in corpus order, as an Arrow file
+that every actor memory-maps; a unit names a run of positions in that sample. The driver plans
+``min(num_docs, documents)`` positions; where documents without text leave the sample smaller,
+the units past its end are empty::
 
     queries:
       endpoint: teacher
@@ -49,9 +56,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from rankmill.config import StageParams
+from rankmill.docstore import DOCS_FILE, DocStore, prepare_docs
 from rankmill.manifest import Counters
 from rankmill.prompting import fence, render_messages
 from rankmill.schemas import CORPUS, LINEAGE, QRELS, QUERIES, SYNTHETIC_NEGATIVES
@@ -81,13 +90,6 @@ TEMPLATES = {"question": "query_question", "reasoning": "query_reasoning"}
 KEYWORDS_TEMPLATE = "query_keywords"
 NEGATIVE_TEMPLATE = "hard_negative"
 
-DOCS = pa.schema(
-    [
-        pa.field("doc_id", pa.string()),
-        pa.field("title", pa.string()),
-        pa.field("text", pa.string()),
-    ]
-)
 PARENTS = pa.schema(
     [
         pa.field("query_id", pa.string()),
@@ -239,7 +241,7 @@ class QueriesStage(Stage):
     """Synthetic and reformulated queries, deduplicated, decontaminated, round-trip filtered."""
 
     name = "queries"
-    version = "1"
+    version = "2"  # documents by reference (the prepare step's sample and docs file)
     Params = QueriesParams
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"qrels": QRELS}
@@ -281,9 +283,18 @@ class QueriesStage(Stage):
         return {"eval_queries_sha256": hashlib.sha256(data).hexdigest()}
 
     # -- planning (driver) ---------------------------------------------------------------------
-    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
-        from rankmill.errors import StageError
+    def _samples_docs(self) -> bool:
+        return self.params.num_docs > 0 and bool(self.params.templates)
 
+    def plan_inputs(self) -> dict[str, list[str] | None] | None:
+        # Document ids only: the prepare step draws the sample. A stratum column that the
+        # corpus schema does not declare is read too, so that a missing one fails here.
+        corpus = ["doc_id"]
+        if self._samples_docs() and self.params.stratify_by not in (None, *CORPUS.names):
+            corpus.append(self.params.stratify_by)
+        return {"corpus": corpus, "queries": None, "qrels": None}
+
+    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
         p = self.params
         corpus, queries = inputs["corpus"], inputs["queries"]
         units: list[WorkUnit] = []
@@ -327,44 +338,50 @@ class QueriesStage(Stage):
                     )
                 )
 
-        # Document queries from a seeded (optionally stratified) sample of the corpus.
-        if p.num_docs > 0 and p.templates:
-            strata = None
-            if p.stratify_by:
-                if p.stratify_by not in corpus.column_names:
-                    raise StageError(
-                        f"queries: stratify_by {p.stratify_by!r} is not a corpus column "
-                        f"(columns: {', '.join(corpus.column_names)})"
-                    )
-                strata = corpus.column(p.stratify_by).to_pylist()
-            texts = corpus.column("text").to_pylist()
-            empty = {
-                d
-                for d, t in zip(corpus.column("doc_id").to_pylist(), texts, strict=True)
-                if not (t or "").strip()
-            }
-            picks = set(
-                sample_documents(
-                    corpus.column("doc_id").to_pylist(), p.num_docs, self.ctx.seed, strata, empty
-                )
-            )
-            mask = pa.array([d in picks for d in corpus.column("doc_id").to_pylist()])
-            docs = corpus.filter(mask).select(["doc_id", "title", "text"]).cast(DOCS)
-            for i, start in enumerate(range(0, docs.num_rows, p.docs_per_unit)):
-                part = docs.slice(start, p.docs_per_unit)
+        # Document queries from a seeded (optionally stratified) sample of the corpus, drawn
+        # by the prepare step (it leaves out documents without text, which takes the texts):
+        # a unit names positions in the sample, which holds at most this many documents.
+        if self._samples_docs():
+            n = min(p.num_docs, pc.count_distinct(corpus.column("doc_id")).as_py())
+            for i, start in enumerate(range(0, n, p.docs_per_unit)):
+                stop = min(start + p.docs_per_unit, n)
                 units.append(
                     WorkUnit(
-                        f"docs-{i:05d}", table_key(part), {"docs": part}, meta={"kind": "docs"}
+                        f"docs-{i:05d}",
+                        content_key("docs", start, stop),
+                        meta={"kind": "docs", "start": start, "stop": stop},
                     )
                 )
         log.info("queries %s: %d units", self.ctx.stage_name, len(units))
         return units
+
+    # -- stage-wide: the sampled documents every actor maps ------------------------------------
+    def prepare(self, step: StepContext) -> StepOutput | None:
+        """The seeded sample of documents to write queries from, once, as the Arrow file every
+        actor memory-maps (:mod:`rankmill.docstore`), in corpus order."""
+        if not self._samples_docs():
+            return None
+        columns = ["doc_id", "text"]
+        if self.params.stratify_by not in (None, *columns):
+            columns.append(self.params.stratify_by)
+        return prepare_docs(step, {"corpus": columns}, lambda i: self._sample(i["corpus"]))
+
+    def _sample(self, corpus: pa.Table) -> list[str]:
+        """Up to ``num_docs`` documents with text, drawn with the run seed (stratified by
+        ``stratify_by``)."""
+        p = self.params
+        ids = corpus.column("doc_id").to_pylist()
+        strata = corpus.column(p.stratify_by).to_pylist() if p.stratify_by else None
+        texts = corpus.column("text").to_pylist()
+        empty = {d for d, t in zip(ids, texts, strict=True) if not (t or "").strip()}
+        return sample_documents(ids, p.num_docs, self.ctx.seed, strata, empty)
 
     # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
         p = self.params
+        self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
         self._texts = {n: self.prompt_text(n) for n in self._template_names()}
         self._hashes = {
             n: hashlib.sha256(t.encode("utf-8")).hexdigest() for n, t in self._texts.items()
@@ -449,7 +466,8 @@ class QueriesStage(Stage):
 
     def _synthesize(self, unit: WorkUnit) -> UnitOutput:
         p = self.params
-        docs = unit.tables["docs"].to_pylist()
+        # the unit's positions in the prepare step's sample (none past its end)
+        docs = self._docs.rows(unit.meta["start"], unit.meta["stop"])
         counters = Counters(rows_in=len(docs))
         items, meta = [], []
         for d in docs:

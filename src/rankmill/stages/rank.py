@@ -17,7 +17,13 @@ with no known relevant document is a reject ``no_relevance`` unless ``keep_unver
 
 Outputs: ``rankings`` (:data:`rankmill.schemas.RANKINGS`: the final order, the input order,
 NDCG@10) and ``windows`` (:data:`rankmill.schemas.WINDOWS`: each window's input order,
-output order, reasoning and answer) for the queries kept::
+output order, reasoning and answer) for the queries kept.
+
+Documents travel by reference (:mod:`rankmill.docstore`): the driver plans from document ids
+alone, the ``prepare`` step writes the documents the pools name once as an Arrow file that
+each actor memory-maps, and a unit names its pools' documents rather than carrying them. A
+candidate the corpus lacks is left out of its pool; one the file lacks when a unit runs is a
+``rejects`` row ``unknown_doc_id``, and the pool is ranked without it::
 
     rank:
       endpoint: teacher
@@ -35,26 +41,37 @@ import math
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from rankmill.config import StageParams
+from rankmill.docstore import DOCS_FILE, DocStore, prepare_docs
 from rankmill.listwise import SlidingWindows, Window, ndcg_at_k, parse_ranking
 from rankmill.manifest import Counters
 from rankmill.pointwise import split_reasoning
 from rankmill.prompting import fence, render_messages
 from rankmill.schemas import CANDIDATES, CONSENSUS, CORPUS, QRELS, QUERIES, RANKINGS, WINDOWS
-from rankmill.stage import Stage, UnitOutput, WorkUnit, chunk_units, load_prompt, rejects_table
+from rankmill.stage import (
+    Stage,
+    StepContext,
+    StepOutput,
+    UnitOutput,
+    WorkUnit,
+    chunk_units,
+    load_prompt,
+    rejects_table,
+)
 from rankmill.stages.label import document_text
 
 log = logging.getLogger(__name__)
 
+# What a unit carries: the query, its pool's document ids (their texts come from the prepare
+# step's file) and the relevance the self-consistency filter measures against.
 POOLS = pa.schema(
     [
         pa.field("query_id", pa.string()),
         pa.field("query_text", pa.string()),
         pa.field("doc_ids", pa.list_(pa.string())),
-        pa.field("doc_titles", pa.list_(pa.string())),
-        pa.field("doc_texts", pa.list_(pa.string())),
         pa.field("relevance", pa.string()),  # JSON {doc_id: grade}
         pa.field("relevance_from", pa.string()),
         pa.field("problem", pa.string()),
@@ -154,8 +171,9 @@ def build_pools(
     relevance_from: list[str],
     min_relevance: int = 1,
 ) -> pa.Table:
-    """One row per candidate pool: the query, its top ``depth`` documents with their texts,
-    and the relevance the self-consistency filter measures against (driver side)."""
+    """One row per candidate pool: the query, its top ``depth`` documents that ``corpus``
+    (document ids are enough) holds, and the relevance the self-consistency filter measures
+    against (driver side)."""
     qtext: dict[str, str] = {}
     qsource: dict[str, str | None] = {}
     src_col = (
@@ -199,18 +217,9 @@ def build_pools(
         ),
         key=lambda x: x[0],
     )
-    needed = {d for _, ds in pools for d in (ds or [])[:depth]}
-    titles = (
-        corpus.column("title").to_pylist()
-        if "title" in corpus.column_names
-        else [None] * corpus.num_rows
-    )
-    docs: dict[str, tuple[str | None, str]] = {}
-    for d, t, x in zip(
-        corpus.column("doc_id").to_pylist(), titles, corpus.column("text").to_pylist(), strict=True
-    ):
-        if d in needed and d not in docs:
-            docs[d] = (t, x)
+    needed = pa.array(sorted({d for _, ds in pools for d in (ds or [])[:depth]}), pa.string())
+    ids = corpus.column("doc_id")
+    docs = set(ids.filter(pc.is_in(ids, value_set=needed)).to_pylist())
 
     rows = []
     seen: set[str] = set()
@@ -240,8 +249,6 @@ def build_pools(
                 "query_id": q,
                 "query_text": qtext.get(q),
                 "doc_ids": known,
-                "doc_titles": [docs[d][0] for d in known],
-                "doc_texts": [docs[d][1] for d in known],
                 "relevance": json.dumps(rel, sort_keys=True),
                 "relevance_from": source,
                 "problem": problem,
@@ -254,7 +261,7 @@ class RankStage(Stage):
     """Listwise teacher rankings over sliding windows, self-consistency filtered."""
 
     name = "rank"
-    version = "1"
+    version = "2"  # documents by reference (the prepare step's docs file)
     Params = RankParams
     inputs: ClassVar[dict[str, pa.Schema]] = {
         "corpus": CORPUS,
@@ -270,7 +277,18 @@ class RankStage(Stage):
     def prompt_texts(self) -> dict[str, str]:
         return {self.params.prompt: load_prompt(self.params.prompt)}
 
-    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+    # -- planning (driver) ---------------------------------------------------------------------
+    def plan_inputs(self) -> dict[str, list[str] | None] | None:
+        # document ids only: the texts reach the workers through the prepare step's file
+        return {
+            "corpus": ["doc_id"],
+            "queries": ["query_id", "text", "source_doc_id"],
+            "candidates": ["query_id", "doc_ids"],
+            "qrels": ["query_id", "doc_id", "score"],
+            "consensus": ["query_id", "doc_id", "verdict"],
+        }
+
+    def _pools(self, inputs: dict[str, pa.Table]) -> pa.Table:
         p = self.params
         pools = build_pools(
             inputs["corpus"],
@@ -295,11 +313,28 @@ class RankStage(Stage):
             pools = pools.set_column(
                 pools.schema.get_field_index("problem"), "problem", pa.array(problems, pa.string())
             )
-        return chunk_units(pools, p.queries_per_unit, "pools")
+        return pools
 
+    def plan(self, inputs: dict[str, pa.Table]) -> list[WorkUnit]:
+        return chunk_units(self._pools(inputs), self.params.queries_per_unit, "pools")
+
+    # -- stage-wide: the documents every actor maps -----------------------------------------------
+    def prepare(self, step: StepContext) -> StepOutput:
+        """The documents of the pools to rank (found as ``plan`` finds them), once, as the
+        Arrow file every actor memory-maps (:mod:`rankmill.docstore`)."""
+
+        def doc_ids(inputs: dict[str, pa.Table]) -> list[str]:
+            pools = self._pools(inputs)
+            ranked = pools.filter(pc.is_null(pools.column("problem")))
+            return pc.list_flatten(ranked.column("doc_ids")).to_pylist()
+
+        return prepare_docs(step, self.plan_inputs() or {}, doc_ids)
+
+    # -- on a Ray actor --------------------------------------------------------------------------
     def setup(self) -> None:
         from rankmill.llm import Gateway
 
+        self._docs = DocStore(lambda: self.step_file("prepare", DOCS_FILE))
         self._template = self.prompt_text(self.params.prompt)
         self._endpoint = self.ctx.endpoint(self.params.endpoint)
         self._gw = Gateway.from_context(self.ctx, self.params.endpoint)
@@ -320,15 +355,29 @@ class RankStage(Stage):
         self._gw.take_counters()
         params = {"temperature": p.temperature, "max_tokens": p.max_tokens}
 
-        active: dict[str, tuple[dict[str, Any], SlidingWindows, dict[str, str]]] = {}
+        todo = []
         for r in rows:
             if r["problem"] or r["query_text"] is None:
                 reason = r["problem"] or "unknown_query_id"
                 rejects.append(_reject(r["query_id"], "candidates", reason, None))
                 continue
+            todo.append(r)
+        # Documents by reference: looked up in the prepare step's file, once per unit.
+        wanted = [d for r in todo for d in r["doc_ids"]]
+        found = iter(self._docs.lookup(wanted) if wanted else [])
+        active: dict[str, tuple[dict[str, Any], SlidingWindows, dict[str, str]]] = {}
+        for r in todo:
             passages = {}
-            for d, t, x in zip(r["doc_ids"], r["doc_titles"], r["doc_texts"], strict=True):
-                passages[d], _ = document_text(t, x, p.doc_max_chars)
+            for d in r["doc_ids"]:
+                doc = next(found)
+                if doc is None:
+                    row_id = f"{r['query_id']}|{d}"
+                    rejects.append(
+                        _reject(r["query_id"], "candidates", "unknown_doc_id", d, row_id)
+                    )
+                    continue
+                passages[d], _ = document_text(doc[0], doc[1], p.doc_max_chars)
+            r["doc_ids"] = list(passages)  # the pool without documents the file lacks
             sw = SlidingWindows(r["doc_ids"], p.window, p.step, p.depth, p.passes)
             active[r["query_id"]] = (r, sw, passages)
 
