@@ -60,11 +60,12 @@ def stopword_list(stopwords: str | Sequence[str] | None) -> list[str]:
     return list(stopwords)
 
 
-def tokenize(
+def encode_tokens(
     texts: Sequence[str | None] | pa.Array, stopwords: Sequence[str] = ()
-) -> tuple[pa.Array, np.ndarray]:
-    """(tokens, owner): every kept token of every text in order, and the index of the text
-    it came from. A missing text has no tokens."""
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """(vocabulary, term, owner): the distinct kept tokens of ``texts``, and for every kept
+    token in order its index in the vocabulary and the index of the text it came from. A
+    missing text has no tokens."""
     import pyarrow.compute as pc
 
     arr = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(texts, pa.string())
@@ -73,12 +74,26 @@ def tokenize(
     parts = pc.split_pattern(_words_spaced(pc.utf8_lower(arr)), " ")
     counts = pc.fill_null(pc.list_value_length(parts), 0).to_numpy(zero_copy_only=False)
     owner = np.repeat(np.arange(len(arr), dtype=np.int64), counts)
-    flat = pc.list_flatten(parts)
-    keep = pc.greater_equal(pc.utf8_length(flat), 2)
+    enc = pc.list_flatten(parts).dictionary_encode()
+    # Which tokens to keep is decided once per distinct token, not once per occurrence.
+    words = enc.dictionary
+    keep = pc.greater_equal(pc.utf8_length(words), 2)
     if len(stopwords):
-        keep = pc.and_(keep, pc.invert(pc.is_in(flat, value_set=pa.array(list(stopwords)))))
-    mask = keep.to_numpy(zero_copy_only=False)
-    return flat.filter(keep), owner[mask]
+        keep = pc.and_(keep, pc.invert(pc.is_in(words, value_set=pa.array(list(stopwords)))))
+    keep_word = keep.to_numpy(zero_copy_only=False)
+    ids = enc.indices.to_numpy(zero_copy_only=False)
+    kept = keep_word[ids]
+    new_id = np.cumsum(keep_word, dtype=np.int64) - 1
+    return words.filter(keep), new_id[ids[kept]], owner[kept]
+
+
+def tokenize(
+    texts: Sequence[str | None] | pa.Array, stopwords: Sequence[str] = ()
+) -> tuple[pa.Array, np.ndarray]:
+    """(tokens, owner): every kept token of every text in order, and the index of the text
+    it came from."""
+    vocab, term, owner = encode_tokens(texts, stopwords)
+    return vocab.take(pa.array(term)), owner
 
 
 # Each byte of ASCII text: kept if a word character, else a space. Bytes of other characters
@@ -134,10 +149,8 @@ class BM25Index:
     def build(self, texts: Sequence[str | None] | pa.Array) -> BM25Index:
         n = len(texts)
         self.num_docs = n
-        tokens, owner = tokenize(texts, self._stop)
-        enc = tokens.dictionary_encode()
-        terms = enc.dictionary.to_pylist()
-        term = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        words, term, owner = encode_tokens(texts, self._stop)
+        terms = words.to_pylist()
         self.vocab = {t: i for i, t in enumerate(terms)}
         n_terms = len(terms)
         # (term, document) pairs and their counts, term-major, documents ascending.
