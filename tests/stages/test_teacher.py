@@ -316,8 +316,8 @@ def test_rank_plans_from_document_ids_and_its_units_name_documents(tmp_path) -> 
     inputs = {name: t[name].select(cols) for name, cols in wanted.items() if name in t}
     units = stage.plan(inputs)
     planned = [r for u in units for r in u.tables["pools"].to_pylist()]
-    # the pools as before: in query order, without the candidate the corpus lacks
-    by_query = {p["query_id"]: [d for d in p["doc_ids"] if d != "d-missing"] for p in pools}
+    # the pools in query order; the candidate the corpus lacks stays, for its unit to reject
+    by_query = {p["query_id"]: p["doc_ids"] for p in pools}
     assert [(r["query_id"], r["doc_ids"]) for r in planned] == sorted(by_query.items())
     assert all(r["problem"] is None and r["query_text"] for r in planned)
     assert not {"doc_titles", "doc_texts"} & set(units[0].tables["pools"].column_names)
@@ -325,8 +325,8 @@ def test_rank_plans_from_document_ids_and_its_units_name_documents(tmp_path) -> 
 
 
 def test_a_pool_document_missing_from_the_docs_file_is_a_reject(tmp_path) -> None:
-    """The docs file is written from the same inputs as the plan, so it holds every document
-    a unit names; were one missing, it is a reject and the rest of its pool is ranked."""
+    """A pool document the docs file lacks (the corpus lacks it, or the file was written from
+    other inputs) is a reject, and the rest of its pool is ranked."""
     import pyarrow.compute as pc
 
     from rankmill.docstore import DOCS_FILE, write_docs

@@ -22,8 +22,8 @@ output order, reasoning and answer) for the queries kept.
 Documents travel by reference (:mod:`rankmill.docstore`): the driver plans from document ids
 alone, the ``prepare`` step writes the documents the pools name once as an Arrow file that
 each actor memory-maps, and a unit names its pools' documents rather than carrying them. A
-candidate the corpus lacks is left out of its pool; one the file lacks when a unit runs is a
-``rejects`` row ``unknown_doc_id``, and the pool is ranked without it::
+candidate the corpus lacks (so the file lacks it) is a ``rejects`` row ``unknown_doc_id``
+when its unit runs, and the pool is ranked without it::
 
     rank:
       endpoint: teacher
@@ -162,7 +162,6 @@ def rank_messages(
 
 
 def build_pools(
-    corpus: pa.Table,
     queries: pa.Table,
     candidates: pa.Table,
     qrels: pa.Table | None,
@@ -171,9 +170,9 @@ def build_pools(
     relevance_from: list[str],
     min_relevance: int = 1,
 ) -> pa.Table:
-    """One row per candidate pool: the query, its top ``depth`` documents that ``corpus``
-    (document ids are enough) holds, and the relevance the self-consistency filter measures
-    against (driver side)."""
+    """One row per candidate pool: the query, its top ``depth`` documents, and the relevance
+    the self-consistency filter measures against (driver side). A document the corpus lacks
+    stays in the pool: the unit that ranks it records it as a reject."""
     qtext: dict[str, str] = {}
     qsource: dict[str, str | None] = {}
     src_col = (
@@ -217,10 +216,6 @@ def build_pools(
         ),
         key=lambda x: x[0],
     )
-    needed = pa.array(sorted({d for _, ds in pools for d in (ds or [])[:depth]}), pa.string())
-    ids = corpus.column("doc_id")
-    docs = set(ids.filter(pc.is_in(ids, value_set=needed)).to_pylist())
-
     rows = []
     seen: set[str] = set()
     for q, ds in pools:
@@ -231,7 +226,6 @@ def build_pools(
         elif q not in qtext:
             problem = "unknown_query_id"
         seen.add(q)
-        known = [d for d in ids if d in docs]
         rel: dict[str, int] = {}
         source = "none"
         if q in judged:
@@ -248,7 +242,7 @@ def build_pools(
             {
                 "query_id": q,
                 "query_text": qtext.get(q),
-                "doc_ids": known,
+                "doc_ids": ids,
                 "relevance": json.dumps(rel, sort_keys=True),
                 "relevance_from": source,
                 "problem": problem,
@@ -291,7 +285,6 @@ class RankStage(Stage):
     def _pools(self, inputs: dict[str, pa.Table]) -> pa.Table:
         p = self.params
         pools = build_pools(
-            inputs["corpus"],
             inputs["queries"],
             inputs["candidates"],
             inputs.get("qrels"),
