@@ -36,16 +36,21 @@ log = logging.getLogger(__name__)
 Encode = Callable[[list[str]], np.ndarray]
 
 
-def text_digest(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(hashlib.sha256(t.encode("utf-8")).digest())
-    return h.hexdigest()
+def text_digests(texts: Sequence[str]) -> list[bytes]:
+    """Each text's sha256."""
+    return [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
 
 
-def cache_key(model_key: dict[str, Any], texts: Sequence[str]) -> str:
+def text_digest(texts: Sequence[str], digests: Sequence[bytes] | None = None) -> str:
+    """The digest of a list of texts (from their :func:`text_digests`, when already known)."""
+    return hashlib.sha256(b"".join(digests or text_digests(texts))).hexdigest()
+
+
+def cache_key(
+    model_key: dict[str, Any], texts: Sequence[str], digests: Sequence[bytes] | None = None
+) -> str:
     head = json.dumps(model_key, sort_keys=True, default=str)
-    return hashlib.sha256((head + ":" + text_digest(texts)).encode()).hexdigest()
+    return hashlib.sha256((head + ":" + text_digest(texts, digests)).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -94,7 +99,8 @@ class EmbeddingCache:
             emb = encode(list(texts))
             self.computed_rows += len(texts)
             return emb, False
-        key = cache_key(model_key, texts)
+        digests = text_digests(texts)
+        key = cache_key(model_key, texts, digests)
         final = self.path(key)
         if os.path.exists(final):
             log.info("embedding cache hit %s (%d texts)", key[:12], len(texts))
@@ -107,7 +113,7 @@ class EmbeddingCache:
         starts = list(range(0, len(texts), self.chunk_size)) or [0]
         chunk_rows = [order[s : s + self.chunk_size] for s in starts]
         chunk_keys = [
-            cache_key(model_key, [texts[int(i)] for i in rows]) + f"-c{self.chunk_size}"
+            cache_key(model_key, (), [digests[i] for i in rows.tolist()]) + f"-c{self.chunk_size}"
             for rows in chunk_rows
         ]
         # First pass takes free chunks; the second waits for chunks other actors hold.
@@ -134,8 +140,7 @@ class EmbeddingCache:
                 )
                 for rows, part in zip(chunk_rows, parts, strict=True):
                     out[rows] = part
-                out.flush()
-                del out
+                del out  # in the page cache, as every file here (a killed process loses nothing)
                 os.replace(tmp, final)
                 for ck in chunk_keys:
                     with contextlib.suppress(FileNotFoundError):
