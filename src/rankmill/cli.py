@@ -177,8 +177,13 @@ def run(
                 "work is kept, run the same command again to resume"
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
+    replayed = (
+        f" ({result.units_replayed} answered by the LLM journal, without workers)"
+        if result.units_replayed
+        else ""
+    )
     console.print(
-        f"done: {result.units_run} unit(s) run, "
+        f"done: {result.units_run} unit(s) run{replayed}, "
         f"{sum(s.units_skipped for s in result.stages)} skipped. "
         f"See: rankmill status {run_dir}"
     )

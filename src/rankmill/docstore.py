@@ -75,19 +75,29 @@ def prepare_docs(
     names (the stage's ``plan_inputs``: the corpus as ids, or the corpus columns ``doc_ids``
     needs), ask ``doc_ids`` which documents its work names, and write those
     (:func:`write_docs`, in corpus order) for the actors to map."""
+    import pyarrow.compute as pc
+
     chooses_by = wanted.get("corpus") or ["doc_id"]
-    corpus = step.read_input(
-        "corpus", columns=DOC_COLUMNS + [c for c in chooses_by if c not in DOC_COLUMNS]
-    )
     inputs = {
         name: step.read_input(name, columns)
         for name, columns in wanted.items()
         if name != "corpus" and step.has_input(name)
     }
-    inputs["corpus"] = corpus.select(chooses_by)
+    inputs["corpus"] = step.read_input("corpus", columns=chooses_by)
+    keep = pa.array(sorted(set(doc_ids(inputs))), pa.string())
+    # The texts, one upstream unit at a time: only the named documents are ever held.
+    pieces = [
+        t.filter(pc.is_in(t.column("doc_id"), value_set=keep))
+        for t in step.iter_input("corpus", columns=DOC_COLUMNS)
+    ]
+    corpus = (
+        pa.concat_tables(pieces, promote_options="default")
+        if pieces
+        else pa.table({c: pa.array([], pa.string()) for c in DOC_COLUMNS})
+    )
     path = os.path.join(step.work_dir, DOCS_FILE)
     counters = Counters()
-    counters.extra["documents"] = float(write_docs(corpus, path, only=doc_ids(inputs)))
+    counters.extra["documents"] = float(write_docs(corpus, path))
     return StepOutput(files={DOCS_FILE: path}, counters=counters)
 
 

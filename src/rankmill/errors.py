@@ -129,6 +129,11 @@ class LLMUnreachable(LLMError):
     fatal = True
 
 
+class JournalMiss(LLMError):
+    """A gateway that answers only from the journal (``journal_only``) was asked something the
+    journal lacks; nothing was sent."""
+
+
 class JournalError(LLMError):
     """A file of the run's LLM journal cannot be read; the message names it and what to do."""
 

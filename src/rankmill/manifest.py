@@ -35,6 +35,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -519,11 +520,7 @@ class RunDir:
             raise ManifestError(
                 f"stage {stage!r} has no output table {table!r} (it has {plan.outputs})"
             )
-        parts = []
-        for rec, is_step in self._records(stage, plan):
-            t = self.read_unit_table(rec, table, columns=columns, step=is_step)
-            if t is not None:
-                parts.append(t)
+        parts = list(self.iter_table(stage, table, plan, columns))
         if not parts:
             if schema is None:
                 raise ManifestError(f"stage {stage!r} table {table!r} has no rows and no schema")
@@ -532,6 +529,16 @@ class RunDir:
         if schema is not None and not columns:
             parts = [p.cast(schema) if p.schema != schema else p for p in parts]
         return pa.concat_tables(parts, promote_options="default")
+
+    def iter_table(
+        self, stage: str, table: str, plan: StagePlan, columns: list[str] | None = None
+    ) -> Iterator[pa.Table]:
+        """A committed stage table one unit (then step) at a time, in plan order: a reader
+        that keeps only some of the rows holds one unit's worth at once."""
+        for rec, is_step in self._records(stage, plan):
+            t = self.read_unit_table(rec, table, columns=columns, step=is_step)
+            if t is not None:
+                yield t
 
     def content_digest(self, stage: str, plan: StagePlan | None = None) -> str:
         """The committed content of a complete stage: its tables' row digests added up over

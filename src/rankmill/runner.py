@@ -45,6 +45,7 @@ from rankmill.config import PipelineConfig
 from rankmill.errors import (
     BudgetExceeded,
     CorruptData,
+    JournalMiss,
     ManifestError,
     RankmillError,
     StageError,
@@ -272,6 +273,7 @@ class StageOutcome:
     units_total: int = 0
     units_skipped: int = 0
     units_run: int = 0
+    units_replayed: int = 0  # of units_run: answered by the LLM journal in the driver
     steps_run: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -284,6 +286,10 @@ class RunResult:
     @property
     def units_run(self) -> int:
         return sum(s.units_run for s in self.stages)
+
+    @property
+    def units_replayed(self) -> int:
+        return sum(s.units_replayed for s in self.stages)
 
 
 class _Restart(Exception):
@@ -444,10 +450,13 @@ class Runner:
         upstream_fps = {s: p.fingerprint for s, p in up_plans.items()}
         ctx = self._context(rs, upstream_fps)
         stage = rs.cls(rs.params, ctx)
-        # Ray takes seconds to start (once per run): start it while the stage plans.
+        # Ray takes seconds to start (once per run): start it while the stage plans, unless
+        # the journal may answer the whole stage here (replay_in_driver).
+        replay = rs.cls.replay_in_driver and not self._ray_started_here
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankmill-plan") as ex:
             planning = ex.submit(self._plan_units, rs, stage, up_plans)
-            self._ray()
+            if not replay:
+                self._ray()
             units = planning.result()
         ids = [u.unit_id for u in units]
         if len(set(ids)) != len(ids):
@@ -488,6 +497,10 @@ class Runner:
         outcome.units_total = len(units)
         outcome.units_skipped = len(units) - len(pending)
         self.on_event("stage_start", stage=name, total=len(units), done=outcome.units_skipped)
+        if (pending or pending_steps) and replay:
+            pending, pending_steps = self._replay(
+                rs, plan, upstream_fps, pending, pending_steps, outcome
+            )
         if pending or pending_steps:
             self._start_services(rs)
             ctx = self._context(rs, upstream_fps)
@@ -624,6 +637,98 @@ class Runner:
             if phase in rs.cls.aggregate_after:
                 run_step(f"aggregate-{phase}")
         run_step("finalize")
+
+    def _replay(
+        self,
+        rs: ResolvedStage,
+        plan: StagePlan,
+        upstream_fps: dict[str, str],
+        pending: list[tuple[WorkUnit, str]],
+        pending_steps: list[tuple[str, str]],
+        outcome: StageOutcome,
+    ) -> tuple[list[tuple[WorkUnit, str]], list[tuple[str, str]]]:
+        """Run in this process, in plan order, what the LLM journal answers: the prepare step,
+        then units until the first that needs a request the journal lacks (it raises before
+        sending, and commits nothing), then the finalize step if every unit is done. Returns
+        what is left for the actors."""
+        if any(s.startswith("aggregate-") for s, _ in pending_steps):
+            return pending, pending_steps
+        ctx = self._context(rs, upstream_fps)
+        ctx.steps = dict(plan.steps)
+        ctx.journal_only = True
+        stage = rs.cls(rs.params, ctx)
+        steps = dict(pending_steps)
+        done: set[str] = set()
+        try:
+            if "prepare" in steps:
+                self.on_event("step_start", stage=rs.name, step="prepare")
+                execute_step(stage, self.rd, "prepare", steps["prepare"], plan)
+                outcome.steps_run += 1
+                done.add("prepare")
+                self.on_event("step_done", stage=rs.name, step="prepare")
+            stage.setup()
+            try:
+                self._replay_units(rs, stage, pending, done, outcome)
+                if "finalize" in steps and all(fp in done for _, fp in pending):
+                    self.on_event("step_start", stage=rs.name, step="finalize")
+                    execute_step(stage, self.rd, "finalize", steps["finalize"], plan)
+                    outcome.steps_run += 1
+                    done.add("finalize")
+                    self.on_event("step_done", stage=rs.name, step="finalize")
+            finally:
+                stage.teardown()
+        except Superseded:
+            raise
+        except CorruptData as exc:
+            self._quarantine(exc)
+            raise _Restart(exc.stage or rs.name) from None
+        except Exception as exc:  # the actors run it again and report it properly
+            log.debug("stage %s: replay here stopped: %s", rs.name, exc)
+        if done:
+            log.info("stage %s: %d units answered by the LLM journal here", rs.name, len(done))
+        return (
+            [(u, fp) for u, fp in pending if fp not in done],
+            [(s, fp) for s, fp in pending_steps if s not in done],
+        )
+
+    def _replay_units(
+        self,
+        rs: ResolvedStage,
+        stage: Stage,
+        pending: list[tuple[WorkUnit, str]],
+        done: set[str],
+        outcome: StageOutcome,
+    ) -> None:
+        """Units in plan order, as many at once as the stage allows an actor (one committing
+        while the next is read from the journal), until the first one that needs a request
+        the journal lacks; the units already under way finish."""
+        width = max(1, int(rs.cls.max_units_in_flight))
+        queue = list(reversed(pending))
+        running: dict[concurrent.futures.Future[Counters], tuple[WorkUnit, str]] = {}
+        stop: BaseException | None = None
+        pool = concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="rankmill-replay")
+        with pool as ex:
+            while queue or running:
+                while queue and stop is None and len(running) < width:
+                    unit, fp = queue.pop()
+                    running[ex.submit(execute_unit, stage, self.rd, unit, fp)] = (unit, fp)
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for fut in finished:
+                    unit, fp = running.pop(fut)
+                    exc = fut.exception()
+                    if exc is not None:
+                        stop = stop or exc
+                        continue
+                    done.add(fp)
+                    outcome.units_run += 1
+                    outcome.units_replayed += 1
+                    self.on_event("unit_done", stage=rs.name, unit_id=unit.unit_id, ok=True)
+        if stop is not None and not isinstance(stop, JournalMiss):
+            raise stop
 
     def _run_units(
         self,

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -138,6 +139,8 @@ class StageContext:
     # upstream stage -> its plan's fingerprint, the plan this stage's fingerprint was built from
     upstream_fps: dict[str, str] = field(default_factory=dict)
     steps: dict[str, str] = field(default_factory=dict)  # step name -> step fingerprint
+    # answers only from the LLM journal: a request it lacks raises JournalMiss, nothing is sent
+    journal_only: bool = False
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -170,6 +173,13 @@ class StageContext:
         ref = self.input_refs[name]
         stage, table = ref.split(".", 1)
         return self.rundir().read_table(
+            stage, table, plan=self._upstream_plan(stage), columns=columns
+        )
+
+    def iter_input(self, name: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """An upstream table one upstream unit at a time (see :meth:`read_input`)."""
+        stage, table = self.input_refs[name].split(".", 1)
+        return self.rundir().iter_table(
             stage, table, plan=self._upstream_plan(stage), columns=columns
         )
 
@@ -233,6 +243,9 @@ class StepContext:
     def read_input(self, name: str, columns: list[str] | None = None) -> pa.Table:
         return self.ctx.read_input(name, columns)
 
+    def iter_input(self, name: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        return self.ctx.iter_input(name, columns)
+
     def has_input(self, name: str) -> bool:
         return self.ctx.has_input(name)
 
@@ -278,6 +291,10 @@ class Stage:
     # the endpoint busy across unit boundaries). Only for stages whose process() is
     # thread-safe.
     max_units_in_flight: ClassVar[int] = 1
+    # Units whose only costly part is their LLM calls: when the journal answers them, the
+    # runner runs them in its own process (ctx.journal_only), without starting Ray, actors or
+    # local servers; the first unit that needs a new request goes, with the rest, to actors.
+    replay_in_driver: ClassVar[bool] = False
 
     def __init__(self, params: StageParams, ctx: StageContext):
         self.params = params

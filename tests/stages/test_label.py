@@ -371,7 +371,10 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
             max_docs_per_query=3,
         )
         run_dir = tmp_path / "run"
-        _, rd, labels, rejects = _run(raw, run_dir)
+        result, rd, labels, rejects = _run(raw, run_dir)
+        # The first unit needed new requests: nothing was answered without workers.
+        assert result.units_replayed == 0
+        assert result.stages[-1].units_run == result.stages[-1].units_total
         # 6 pools of 3 candidates (q-bm25's pool has d-missing at rank 2): 17 known pairs.
         expected = _expected(rd, 3)
         assert len(expected) == 17
@@ -401,13 +404,23 @@ def test_label_stage_through_the_runner_against_the_fake_server(tmp_path, ray_se
         # Re-planned units (another split, committed records lost) ask the same questions:
         # all answered by the journal.
         shutil.rmtree(run_dir / "stages" / "label" / "units")
-        Runner(validate_pipeline(raw), str(run_dir)).run()
+        runner = Runner(validate_pipeline(raw), str(run_dir))
+        result = runner.run()
         assert srv.completed() == sent
+        # ... here, in the driver: no Ray of its own, no actor
+        assert result.units_replayed == result.units_run > 0 and not runner._ray_started_here
         again = rd.read_table("label", "labels").to_pylist()
         assert len(again) == 34 and all(r["cached"] for r in again)
         assert sorted(r["request_key"] for r in again) == sorted(r["request_key"] for r in labels)
         c = _counters(rd, "label")
         assert c.llm_calls == 0 and c.llm_cached == 34
+        # A third sample: every unit has journaled questions and new ones. The driver stops at
+        # the first new one (sending nothing), the workers do the rest, none is asked twice.
+        raw["stages"]["label"]["samples"] = 3
+        result = Runner(validate_pipeline(raw), str(run_dir)).run()
+        assert result.units_replayed == 0 and srv.completed() == sent + 17
+        c = _counters(rd, "label")
+        assert c.llm_calls == 17 and c.llm_cached == 34
 
 
 @pytest.mark.slow

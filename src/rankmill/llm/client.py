@@ -87,6 +87,7 @@ from tenacity import (
 from rankmill.config import EndpointConfig
 from rankmill.errors import (
     BudgetExceeded,
+    JournalMiss,
     LLMAuthError,
     LLMError,
     LLMQuotaError,
@@ -537,8 +538,11 @@ class Gateway:
         backoff_max_s: float = 30.0,
         journal: Journal | None = None,
         transport: str = "auto",
+        journal_only: bool = False,
     ):
         self.endpoint = endpoint
+        # Answers only from the journal: a request it lacks raises JournalMiss, unsent.
+        self.journal_only = journal_only
         self.name = name
         self.seed = seed
         self.stage = stage
@@ -550,12 +554,12 @@ class Gateway:
             raise ValueError(f"transport must be 'auto', 'aiohttp' or 'httpx', not {transport!r}")
         self.transport = transport
         self.ep_id = endpoint_identity(endpoint)
-        if not endpoint.base_url:
+        if not endpoint.base_url and not journal_only:
             raise LLMError(
                 f"endpoint {name!r} has no base_url yet (a local endpoint gets one when the "
                 "runner starts its server); build the gateway after the runner started it"
             )
-        self._key = self._read_key(endpoint, name)
+        self._key = _Secret("not-needed") if journal_only else self._read_key(endpoint, name)
         self.journal = journal or Journal(run_dir)
         totals = self.journal.totals()
         limits = endpoint_limits({name: endpoint})
@@ -592,6 +596,7 @@ class Gateway:
         self._inflight: dict[str, asyncio.Future[ChatResult]] = {}
         self._totals = _Tally()
         self._taken = _Tally()
+        self._count_lock = threading.Lock()  # journal hits are counted in callers' threads too
         self._price_in = endpoint.price_input_per_mtok / 1e6
         self._price_out = endpoint.price_output_per_mtok / 1e6
         log.info(
@@ -621,6 +626,7 @@ class Gateway:
             stage=ctx.stage_name,
             shared=ctx.shared,
             budget=ctx.budget,
+            journal_only=bool(getattr(ctx, "journal_only", False)),
             **kwargs,
         )
 
@@ -731,7 +737,30 @@ class Gateway:
         return tally
 
     def chat_many_sync(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        return self.run(self.chat_many(requests))
+        """:meth:`chat_many` from plain code. Answers the journal holds are read here, in the
+        calling thread; only the others go through the event loop."""
+        out: list[ChatResult | None] = [self._journaled(r) for r in requests]
+        rest = [i for i, res in enumerate(out) if res is None]
+        if rest:
+            got = self.run(self.chat_many([requests[i] for i in rest]))
+            for i, res in zip(rest, got, strict=True):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _journaled(self, req: ChatRequest) -> ChatResult | None:
+        """The journal's final answer to ``req``, or None: absent, or a bad answer that the
+        event loop's path would sample again."""
+        key, _, _, _ = self._prepare(req, 0)
+        entry = self.journal.get(key)
+        if entry is None or entry.get("reason") in TRANSPORT_FAULTS:
+            return None
+        limit = self.resample_bad if req.resample_bad is None else req.resample_bad
+        if not entry.get("ok") and limit > 0:
+            return None
+        with self._count_lock:
+            self._totals.add(entry, True)
+            self._thread_tally().add(entry, True)
+        return ChatResult.from_entry(entry, cached=True, tag=req.tag)
 
     def chat_sync(self, request: ChatRequest) -> ChatResult:
         return self.run(self.chat(request))
@@ -786,6 +815,8 @@ class Gateway:
             self._count(entry, cached=True)
             return ChatResult.from_entry(entry, cached=True, tag=req.tag)
         pending = self._inflight.get(key)
+        if pending is None and self.journal_only:
+            raise JournalMiss(f"endpoint {self.name!r}: request {key[:12]} is not journaled")
         if pending is not None:  # the same request is already on its way: share its answer
             res = await asyncio.shield(pending)
             return dataclasses.replace(res, cached=True, tag=req.tag, attempts=0, resampled=0)
@@ -1137,8 +1168,9 @@ class Gateway:
 
     # -- accounting ----------------------------------------------------------------------------
     def _count(self, entry: dict[str, Any], cached: bool) -> None:
-        self._totals.add(entry, cached)
-        (_UNIT_TALLY.get() or self._taken).add(entry, cached)
+        with self._count_lock:
+            self._totals.add(entry, cached)
+            (_UNIT_TALLY.get() or self._taken).add(entry, cached)
 
     def counters(self) -> dict[str, Any]:
         """Totals since the gateway was built: llm_calls (answers paid for now), llm_cached

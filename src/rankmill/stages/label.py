@@ -51,6 +51,7 @@ scores (ERank: the sample whose score is nearest the mean is the one kept)::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -146,9 +147,14 @@ def parse_verdict(text: str | None, answer_format: str = "word") -> tuple[bool |
     return m.group(1).lower() == "yes", ""
 
 
+_NON_LETTERS = re.compile(r"[^a-z]")
+
+
+@functools.lru_cache(maxsize=65536)
 def _norm_token(token: str | None) -> str:
     # Tokens arrive as " Yes", "yes", "YES", "Ġyes" or '"true'; only the letters decide.
-    return re.sub(r"[^a-z]", "", (token or "").lower())
+    # A vocabulary's few thousand token strings come back again and again: cached.
+    return _NON_LETTERS.sub("", (token or "").lower())
 
 
 def p_yes_from_logprobs(
@@ -335,6 +341,7 @@ class LabelStage(Stage):
     # process() only reads what setup() built; units in flight share the actor's gateway, so
     # the endpoint stays busy while a unit waits for its slowest answer.
     max_units_in_flight: ClassVar[int] = 4
+    replay_in_driver: ClassVar[bool] = True
     inputs: ClassVar[dict[str, pa.Schema]] = {"corpus": CORPUS, "queries": QUERIES}
     optional_inputs: ClassVar[dict[str, pa.Schema]] = {"candidates": CANDIDATES, "qrels": QRELS}
     outputs: ClassVar[dict[str, pa.Schema]] = {
