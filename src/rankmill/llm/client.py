@@ -75,8 +75,6 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx2
-import openai
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -100,6 +98,24 @@ from rankmill.llm.journal import Journal, journal_dir
 from rankmill.llm.limits import Limiter, endpoint_limits, make_limiter
 
 log = logging.getLogger(__name__)
+
+
+class _Lazy:
+    """A module imported on first use: answering from the journal needs no HTTP stack (the
+    openai package takes about a second to import on a small machine)."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+httpx2: Any = _Lazy("httpx2")
+openai: Any = _Lazy("openai")
 # httpx2 logs every request at INFO: thousands of lines per unit, and CPU we need for calls.
 if logging.getLogger("httpx2").level == logging.NOTSET:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
