@@ -412,3 +412,23 @@ def test_a_stage_with_a_local_and_a_remote_endpoint_starts_and_accounts_both(tmp
     assert st["models"]["smollm2-135m"]["calls"] == 3
     assert st["models"]["fake-remote"]["calls"] == 3
     assert log.read_text().splitlines() == ["teardown"]  # teardown ran on the actor
+
+
+def test_a_table_without_rows_is_held_in_its_record_not_in_a_file(tmp_path):
+    import pyarrow as pa
+
+    from rankmill.manifest import Counters
+
+    rd = RunDir(str(tmp_path))
+    full = pa.table({"a": [1, 2], "b": ["x", "y"]})
+    empty = pa.table({"a": pa.array([], pa.int64()), "b": pa.array([], pa.string())})
+    rec = rd.commit_unit("s", "u1", "fp1", {"out": full, "rejects": empty}, Counters())
+    entries = {f.table: f for f in rec.files}
+    assert entries["out"].path and not entries["rejects"].path
+    assert not (tmp_path / "stages" / "s" / "data" / "rejects").exists()
+    back = rd.read_unit_table(rd.read_record("s", "fp1"), "rejects")
+    assert back.schema == empty.schema and back.num_rows == 0
+    assert rd.read_unit_table(
+        rd.read_record("s", "fp1"), "rejects", columns=["b"]
+    ).column_names == ["b"]
+    assert rd.verify_stage("s") == []  # no plan: nothing to check, and no crash on the empty one

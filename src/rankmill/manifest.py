@@ -30,6 +30,7 @@ unchanged, a recomputed unit with other content changes it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -159,9 +160,16 @@ class Counters:
 @dataclass
 class FileEntry:
     table: str  # an output table, or "file:<name>" for a file a step wrote
-    path: str  # relative to the run dir
+    path: str  # relative to the run dir; "" for a table without rows, held in the record
     rows: int
     sha256: str
+    schema: str = ""  # a table without rows: its Arrow schema (IPC, base64)
+
+    def empty_table(self) -> pa.Table:
+        """The table of an entry that holds no file (no rows)."""
+        import pyarrow.ipc as ipc
+
+        return ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema))).empty_table()
 
 
 @dataclass
@@ -412,6 +420,13 @@ class RunDir:
         safe_id = unit_id.replace(":", "-")
         for table_name in sorted(tables):
             table = tables[table_name]
+            if table.num_rows == 0:
+                # No rows: the schema goes in the record, no file to write, sync and read.
+                schema = base64.b64encode(table.schema.serialize().to_pybytes()).decode()
+                entries.append(FileEntry(table_name, "", 0, "", schema))
+                if table_name != "rejects":
+                    content[table_name] = list(rows_digest(table))
+                continue
             rel = f"stages/{stage}/data/{table_name}/{safe_id}.{token}.parquet"
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
@@ -427,7 +442,7 @@ class RunDir:
             self.write_durable(self.path(rel), data)
             entries.append(FileEntry(f"file:{name}", rel, 0, bytes_sha256(data)))
         if self.local and entries:
-            for d in {self.path(e.path).rsplit("/", 1)[0] for e in entries}:
+            for d in {self.path(e.path).rsplit("/", 1)[0] for e in entries if e.path}:
                 self._fsync_path(d, directory=True)
         rec = UnitRecord(stage, unit_id, unit_fp, entries, counters, content, run_id)
         path = self.record_path(stage, unit_fp, step)
@@ -457,6 +472,9 @@ class RunDir:
         for f in rec.files:
             if f.table != table:
                 continue
+            if not f.path:
+                empty = f.empty_table()
+                return empty.select(columns) if columns is not None else empty
             if columns is not None and self.local:
                 # Some columns of a local file: verify it in chunks, then read only those
                 # columns, so that reading ids never holds the whole file (texts) in memory.
@@ -593,6 +611,8 @@ class RunDir:
             if rec is None:
                 continue
             for f in rec.files:
+                if not f.path:
+                    continue
                 info = infos.get(self.path(f.path))
                 stamp = [
                     f.sha256,
@@ -622,6 +642,8 @@ class RunDir:
             if rec is None:
                 continue
             for f in rec.files:
+                if not f.path:
+                    continue
                 try:
                     self._verified_bytes(rec, f, is_step)
                 except CorruptData as exc:
