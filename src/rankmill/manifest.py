@@ -429,7 +429,7 @@ class RunDir:
                 continue
             rel = f"stages/{stage}/data/{table_name}/{safe_id}.{token}.parquet"
             buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd")
+            pq.write_table(table, buf, compression="zstd", row_group_size=65536)
             data = buf.getvalue()
             self.write_durable(self.path(rel), data)
             entries.append(FileEntry(table_name, rel, table.num_rows, bytes_sha256(data)))
@@ -554,6 +554,17 @@ class RunDir:
         """A committed stage table one unit (then step) at a time, in plan order: a reader
         that keeps only some of the rows holds one unit's worth at once."""
         for rec, is_step in self._records(stage, plan):
+            f = next((f for f in rec.files if f.table == table), None)
+            if f is not None and f.path and self.local:
+                # A local file: verified in chunks, then read a row group at a time.
+                path = self.path(f.path)
+                if not os.path.exists(path) or file_sha256(path) != f.sha256:
+                    self._verified_bytes(rec, f, is_step)  # raises CorruptData, saying why
+                with pa.OSFile(path) as fh:
+                    pf = pq.ParquetFile(fh)
+                    for i in range(pf.num_row_groups):
+                        yield pf.read_row_group(i, columns=columns)
+                continue
             t = self.read_unit_table(rec, table, columns=columns, step=is_step)
             if t is not None:
                 yield t

@@ -832,10 +832,12 @@ def _top_positive(all_scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.
     n = len(all_scores)
     if not n:
         return np.zeros((0, k), dtype=np.float32), np.full((0, k), -1, dtype=np.int64)
-    s, ids = top_k(np.stack(all_scores), k, floor=0.0)
     scores = np.zeros((n, k), dtype=np.float32)
     out = np.full((n, k), -1, dtype=np.int64)
-    hit = s > 0
-    scores[:, : s.shape[1]] = np.where(hit, s, 0.0)
-    out[:, : s.shape[1]] = np.where(hit, ids, -1)
+    step = max(1, (1 << 24) // max(1, len(all_scores[0])))  # a few rows at a time, not a copy
+    for i in range(0, n, step):
+        s, ids = top_k(np.stack(all_scores[i : i + step]), k, floor=0.0)
+        hit = s > 0
+        scores[i : i + len(s), : s.shape[1]] = np.where(hit, s, 0.0)
+        out[i : i + len(s), : s.shape[1]] = np.where(hit, ids, -1)
     return scores, out
