@@ -42,7 +42,8 @@ def processed(tmp_path: Path) -> list[str]:
 
 
 def outputs(run_dir: Path) -> dict[str, str]:
-    """sha256 of every committed data file, by stage/table/unit (names carry a random token)."""
+    """sha256 of every committed data file, by stage/table/unit (names carry a random token);
+    a table without rows, held in its record, by its schema."""
     rd = RunDir(str(run_dir))
     out = {}
     for stage in ("count", "double"):
@@ -51,7 +52,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
         for rec in recs:
             assert rec is not None
             for f in rec.files:
-                data = (run_dir / f.path).read_bytes()
+                data = (run_dir / f.path).read_bytes() if f.path else f.schema.encode()
                 out[f"{stage}/{f.table}/{rec.unit_id}"] = hashlib.sha256(data).hexdigest()
     return out
 
